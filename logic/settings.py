@@ -1,0 +1,74 @@
+"""Every setting of the bundle, in one class, read from the environment (prefix ``LLM_``).
+
+Both services read the same settings; each uses the fields that concern it. Service
+resources (workers, GPU type, timeouts) are read when ``service.py`` is imported, so they
+apply to ``bentoml serve`` and are recorded by ``bentoml build``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    """Settings of the API service and the runner. Each field is ``LLM_<NAME>`` in the env."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    # Which model both services load from the BentoML model store.
+    model: str = Field(DEFAULT_MODEL, description="Model store tag, `name` or `name:version`.")
+    served_model_name: str | None = Field(
+        None,
+        description="Model id shown in /v1/models and responses (default: the tag's name).",
+    )
+
+    # Prompt policy and request defaults (API service).
+    system_prompt: str | None = Field(
+        "You are a helpful AI assistant.",
+        description="System prompt added when a request has none; empty leaves the template's own.",
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="Completion budget when a request sets no max_tokens."
+    )
+
+    # API service resources.
+    api_workers: int = Field(2, ge=1, description="API service worker processes.")
+    api_timeout: int = Field(300, ge=1, description="API request timeout in seconds.")
+
+    # Runner resources and device.
+    runner_gpu_type: str | None = Field(
+        None, description="GPU type for the runner on BentoCloud, e.g. nvidia-l4."
+    )
+    runner_timeout: int = Field(300, ge=1, description="Runner request timeout in seconds.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when a GPU is present, else cpu."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch in the runner (default: torch's own).",
+    )
+
+    @property
+    def model_name(self) -> str:
+        """The name exposed to clients."""
+        return self.served_model_name or self.model.split(":", 1)[0]
+
+    @property
+    def effective_system_prompt(self) -> str | None:
+        return self.system_prompt or None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, validated once."""
+    return Settings()

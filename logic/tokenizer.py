@@ -1,0 +1,68 @@
+"""Tokenization with the `tokenizers` library, and detokenization one token at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TextTokenizer:
+    """The model's tokenizer (``tokenizer.json``), without transformers and so without torch."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TextTokenizer:
+        return cls(Tokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        # The chat template already wrote every special token the model expects.
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a character.
+
+    Byte-level tokenizers can spread one character over several tokens; decoding those
+    alone gives U+FFFD. Each delta is the text of the tokens since the last one emitted,
+    decoded together with a few tokens before them (so a SentencePiece word boundary keeps
+    its space), and it is held back while it ends in an unfinished character.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the context decoded with new tokens
+        self._read_offset = 0  # end of the tokens whose text was already emitted
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add tokens; return the text they complete (possibly empty)."""
+        self._ids.extend(token_ids)
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The text still held back at the end of a stream, even if it is not valid UTF-8."""
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full_text[len(prefix_text) :]

@@ -1,0 +1,105 @@
+"""The LLM runner: a BentoML service that owns the model and streams token ids.
+
+It never sees a chat message or a user string. Its one API takes prompt token ids and
+sampling parameters and streams newline-delimited JSON, one :class:`GenerationChunk`
+per line, so the stream can be re-framed whatever the transport does to chunk borders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import bentoml
+
+from logic.protocol import GenerationChunk, SamplingParams
+from logic.settings import get_settings
+
+if TYPE_CHECKING:
+    from runners.engine import GenerationEngine
+
+logger = logging.getLogger(__name__)
+settings = get_settings()
+
+
+class RunnerGenerationError(RuntimeError):
+    """The runner reported a failure inside its stream."""
+
+
+def create_engine(model_path: str | Path) -> GenerationEngine:
+    """The engine for a store entry, on the device and dtype the settings ask for."""
+    from runners.engine import (
+        GenerationEngine,  # torch is imported here, never at module level
+    )
+
+    return GenerationEngine.load(
+        model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+    )
+
+
+async def read_chunks(
+    stream: AsyncIterator[str | bytes],
+) -> AsyncIterator[GenerationChunk]:
+    """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
+    buffer = ""
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for piece in stream:
+            buffer += piece.decode() if isinstance(piece, bytes) else piece
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if not line:
+                    continue
+                data = json.loads(line)
+                if "error" in data:
+                    raise RunnerGenerationError(data["error"])
+                yield GenerationChunk.model_validate(data)
+
+
+_resources: dict[str, object] = {"gpu": 1}
+if settings.runner_gpu_type:
+    _resources["gpu_type"] = settings.runner_gpu_type
+
+
+@bentoml.service(
+    resources=_resources,
+    workers=1,  # one process owns the device and schedules all requests on it
+    traffic={"timeout": settings.runner_timeout},
+)
+class LLMRunner:
+    model = bentoml.models.BentoModel(settings.model)
+
+    def __init__(self) -> None:
+        self.engine = create_engine(self.model.path)
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Stream generated token ids as NDJSON lines; an ``{"error": ...}`` line on failure."""
+        try:
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=stop_token_ids or [],
+            )
+            async for chunk in self.engine.stream(prompt_ids, params):
+                yield chunk.model_dump_json() + "\n"
+        except (ValueError, RuntimeError) as exc:
+            # Headers are gone once a stream starts: report in-band, keep the details here.
+            logger.exception("generation failed")
+            yield (json.dumps({"error": f"generation failed: {type(exc).__name__}"}) + "\n")

@@ -1,0 +1,223 @@
+"""The bundle's services: read top to bottom to see the whole request path.
+
+    client --HTTP/SSE--> ChatAPI (CPU, logic/) --bentoml.depends--> LLMRunner (GPU, runners/)
+
+- ``ChatAPI`` (entry service, ``bentoml serve``): the OpenAI-compatible routes under
+  ``/v1``. All business logic (validation, prompt policy, chat template, tokenization,
+  detokenization, stop strings, usage) runs here, in several CPU workers that never import
+  torch. It sends token ids to the runner and streams token ids back.
+- ``LLMRunner`` (``runners/llm.py``): one worker that owns the model and the device.
+- ``Monolith`` (``bentoml serve service:Monolith``): the same routes and logic with the
+  engine in the same process, for one small machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import bentoml
+import httpx
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from logic.chat import ChatCompletionService, TokenGenerator
+from logic.errors import (
+    APIError,
+    InternalServerError,
+    InvalidRequestError,
+    RunnerUnavailableError,
+    from_validation_error,
+)
+from logic.model_files import ModelFiles
+from logic.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    GenerationChunk,
+    SamplingParams,
+)
+from logic.settings import get_settings
+from runners.llm import LLMRunner, create_engine, read_chunks
+
+logger = logging.getLogger(__name__)
+settings = get_settings()
+
+
+# ---------------------------------------------------------------- the OpenAI-compatible routes
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status_code)
+
+
+async def _handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return _error_response(exc)
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = APIError(str(exc.detail), code=None)
+    error.status_code = exc.status_code
+    error.error_type = "invalid_request_error"
+    return _error_response(error)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error_response(InternalServerError())
+
+
+async def _read_request(request: Request) -> ChatCompletionRequest:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. Send valid JSON.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def _event_stream(
+    first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]
+) -> AsyncIterator[str]:
+    """Server-sent events; an error after the first byte becomes an error event."""
+    async with contextlib.aclosing(rest):  # a client that leaves cancels the generation
+        yield _sse(first.model_dump_json())
+        try:
+            async for chunk in rest:
+                yield _sse(chunk.model_dump_json())
+        except APIError as exc:
+            yield _sse(json.dumps(exc.to_body()))
+        except Exception:
+            logger.exception("stream failed")
+            yield _sse(json.dumps(InternalServerError().to_body()))
+    yield _sse("[DONE]")
+
+
+async def chat_completions(request: Request) -> Response:
+    chat: ChatCompletionService = request.app.state.chat
+    body = await _read_request(request)
+    if not body.stream:
+        response = await chat.create(body)
+        return JSONResponse(response.model_dump(mode="json"))
+    chunks = chat.create_stream(body)
+    # Wait for the first chunk (the runner's first token) before sending headers, so a
+    # runner failure is still a proper status code rather than a broken stream.
+    first = await anext(chunks)
+    return StreamingResponse(
+        _event_stream(first, chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def list_models(request: Request) -> Response:
+    chat: ChatCompletionService = request.app.state.chat
+    return JSONResponse(chat.models().model_dump(mode="json"))
+
+
+def create_openai_app() -> Starlette:
+    """The ``/v1`` routes; ``app.state.chat`` is set by the service that mounts it."""
+    return Starlette(
+        routes=[
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/models", list_models, methods=["GET"]),
+        ],
+        exception_handlers={
+            APIError: _handle_api_error,
+            HTTPException: _handle_http_exception,
+            Exception: _handle_unexpected,
+        },
+    )
+
+
+def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> ChatCompletionService:
+    return ChatCompletionService(
+        ModelFiles.load(model.path),
+        settings,
+        generate,
+        fingerprint=f"fp_{model.tag.version}",
+    )
+
+
+# ---------------------------------------------------------------- split topology: API + runner
+
+api_app = create_openai_app()
+
+# Errors that mean "the runner could not be reached or dropped the connection".
+_RUNNER_TRANSPORT_ERRORS = (
+    httpx.HTTPError,
+    aiohttp.ClientError,
+    OSError,
+    bentoml.exceptions.BentoMLException,
+)
+
+
+@bentoml.asgi_app(api_app, path="/v1")
+@bentoml.service(
+    resources={"cpu": "1"},
+    workers=settings.api_workers,
+    traffic={"timeout": settings.api_timeout},
+)
+class ChatAPI:
+    """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
+
+    runner = bentoml.depends(LLMRunner)
+    # The same store entry as the runner's: the API reads only its tokenizer and template.
+    model = bentoml.models.BentoModel(settings.model)
+
+    def __init__(self) -> None:
+        self.chat = _chat_service(self.model, self._generate)
+        api_app.state.chat = self.chat
+
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        stream = self.runner.generate(prompt_ids=prompt_ids, **params.model_dump())
+        try:
+            async with contextlib.aclosing(read_chunks(stream)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except _RUNNER_TRANSPORT_ERRORS as exc:
+            logger.warning("runner unavailable: %s", exc)
+            raise RunnerUnavailableError() from exc
+
+
+# ---------------------------------------------------------------- monolith: one process
+
+monolith_app = create_openai_app()
+
+
+@bentoml.asgi_app(monolith_app, path="/v1")
+@bentoml.service(
+    resources={"gpu": 1},
+    workers=1,
+    traffic={"timeout": settings.api_timeout},
+)
+class Monolith:
+    """The same API with the engine in-process: one process, no hop, no separate scaling."""
+
+    model = bentoml.models.BentoModel(settings.model)
+
+    def __init__(self) -> None:
+        engine = create_engine(self.model.path)
+        self.chat = _chat_service(self.model, engine.stream)
+        monolith_app.state.chat = self.chat
