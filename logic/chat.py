@@ -111,7 +111,7 @@ class ChatCompletionService:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
-            stop_token_ids=self._files.eos_token_ids,
+            stop_token_ids=self._files.stop_token_ids,
         )
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers

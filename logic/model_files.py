@@ -43,6 +43,16 @@ class ModelFiles:
     eos_token_ids: list[int]
     template_markers: list[str]
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """EOS, and the template's turn markers: a model that opens a new turn is done."""
+        ids = list(self.eos_token_ids)
+        for marker in self.template_markers:
+            token_id = self.tokenizer.token_to_id(marker)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+        return ids
+
     @classmethod
     def load(cls, path: str | Path) -> ModelFiles:
         path = Path(path)

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 # ---------------------------------------------------------------- token-level contract
 
@@ -147,6 +147,11 @@ class ChatCompletionChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: None = None
+
+    @field_serializer("delta")
+    def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, str]:
+        # OpenAI sends only the fields a delta changes: {"content": "..."}, not "role": null.
+        return delta.model_dump(exclude_none=True)
 
 
 class ChatCompletionChunk(BaseModel):

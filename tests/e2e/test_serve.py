@@ -1,0 +1,157 @@
+"""End to end: `bentoml serve` as a subprocess with the real default model, asked through the
+official openai client. Needs the default model in the user's store (`make test` imports it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from logic.settings import DEFAULT_MODEL
+from tests.conftest import USER_BENTOML_HOME
+
+ROOT = Path(__file__).resolve().parents[2]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_model_in_store() -> bool:
+    return (Path(USER_BENTOML_HOME) / "models" / DEFAULT_MODEL).is_dir()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, psutil.Process]]:
+    if not default_model_in_store():
+        pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true")
+    log = (
+        (ROOT / ".pytest_cache" / "e2e-serve.log").open("w")
+        if (ROOT / ".pytest_cache").is_dir()
+        else subprocess.DEVNULL
+    )
+    proc = subprocess.Popen(
+        [BENTOML, "serve", "service:ChatAPI", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "bentoml serve exited during start-up"
+            assert time.monotonic() < deadline, "bentoml serve was not ready within 180 s"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        yield url, psutil.Process(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    url, _ = server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def test_factual_answer_through_the_openai_client(client):
+    completion = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, temperature=0, max_tokens=40
+    )
+    answer = completion.choices[0].message.content
+    assert "Paris" in answer
+    assert completion.choices[0].finish_reason == "stop"
+    usage = completion.usage
+    # The ChatML template and default system prompt are counted in the prompt.
+    assert usage.prompt_tokens > 20
+    assert 0 < usage.completion_tokens <= 40
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streamed_answer_matches_and_reports_usage(client):
+    whole = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, temperature=0, max_tokens=40
+    )
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
+    assert text == whole.choices[0].message.content
+    assert "Paris" in text
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_bad_input_is_a_400_and_the_server_stays_up(server, client):
+    url, _ = server
+    resp = httpx.post(f"{url}/v1/chat/completions", content=b"{oops", timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=10**6)
+    assert info.value.body["param"] == "max_tokens"
+    assert client.models.list().data[0].id == DEFAULT_MODEL
+
+
+def test_health_and_metrics_are_served(server):
+    url, _ = server
+    assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    metrics = httpx.get(f"{url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "bentoml_" in metrics.text
+
+
+def _workers(root: psutil.Process, service_name: str) -> list[psutil.Process]:
+    return [
+        p
+        for p in root.children(recursive=True)
+        if f"--service-name {service_name} " in " ".join(p.cmdline()) + " "
+    ]
+
+
+def _has_torch(process: psutil.Process) -> bool:
+    maps = Path(f"/proc/{process.pid}/maps").read_text()
+    return "libtorch" in maps or "/torch/" in maps
+
+
+def test_api_workers_never_load_torch(server, client):
+    _, root = server
+    client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4)
+    api_workers = _workers(root, "ChatAPI")
+    runners = _workers(root, "LLMRunner")
+    assert len(api_workers) == 2 and len(runners) == 1
+    assert _has_torch(runners[0])  # the check can see torch where it is loaded
+    assert not any(_has_torch(p) for p in api_workers)

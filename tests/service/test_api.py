@@ -1,0 +1,144 @@
+"""The API in process (``TestClient(ChatAPI.to_asgi())``) with the tiny model: routes, the
+OpenAI client, and bad input that must never become a 500."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+SERVICES = ["ChatAPI", "Monolith"]
+USER = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module", params=SERVICES)
+def client(request, tiny_model_tag: str) -> Iterator[TestClient]:
+    import service
+
+    app = getattr(service, request.param).to_asgi()
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def sse_events(text: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny-chat"]
+
+
+def test_chat_completion_has_the_openai_shape(client):
+    resp = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5, "seed": 1})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny-chat"
+    assert body["id"].startswith("chatcmpl-") and body["system_fingerprint"].startswith("fp_")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in {"stop", "length"}
+    usage = body["usage"]
+    assert 0 < usage["completion_tokens"] <= 5
+    assert usage["prompt_tokens"] > len("Hello, how are you today?".split())
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_seeded_requests_are_reproducible_through_the_api(client):
+    body = {"messages": USER, "max_tokens": 12, "temperature": 1.0, "seed": 99}
+    first = client.post("/v1/chat/completions", json=body).json()
+    second = client.post("/v1/chat/completions", json=body).json()
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+    assert first["usage"] == second["usage"]
+
+
+def test_streaming_sends_sse_chunks_then_done(client):
+    whole = client.post(
+        "/v1/chat/completions", json={"messages": USER, "max_tokens": 12, "temperature": 0}
+    ).json()
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"messages": USER, "max_tokens": 12, "temperature": 0, "stream": True},
+    )
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(resp.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_the_official_openai_client_works_against_the_app(client):
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    assert [m.id for m in api.models.list()] == ["tiny-chat"]
+    completion = api.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=6, temperature=0
+    )
+    assert completion.usage.completion_tokens <= 6
+    stream = api.chat.completions.create(
+        model="tiny-chat",
+        messages=USER,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        completion.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+LONG = [{"role": "user", "content": "Paris " * 400}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({}).encode(), 400, "messages"),
+        (json.dumps({"messages": []}).encode(), 400, "messages"),
+        (
+            json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            400,
+            "messages[0].role",
+        ),
+        (json.dumps({"messages": LONG}).encode(), 400, "messages"),
+        (json.dumps({"messages": USER, "max_tokens": 0}).encode(), 400, "max_tokens"),
+        (json.dumps({"messages": USER, "max_tokens": 100_000}).encode(), 400, "max_tokens"),
+        (json.dumps({"messages": USER, "temperature": -1}).encode(), 400, "temperature"),
+        (json.dumps({"messages": USER, "tools": []}).encode(), 400, "tools"),
+        (json.dumps({"messages": USER, "model": "gpt-4o"}).encode(), 404, "model"),
+        (
+            json.dumps({"messages": USER, "stream": True, "max_tokens": -1}).encode(),
+            400,
+            "max_tokens",
+        ),
+    ],
+)
+def test_bad_input_is_a_4xx_openai_error_and_the_service_keeps_serving(client, raw, status, param):
+    resp = client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert "Traceback" not in resp.text and "/site-packages/" not in resp.text
+    ok = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_health_endpoints_are_served(client):
+    # /metrics needs the served process's Prometheus set-up: the end-to-end test checks it.
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200

@@ -1,0 +1,199 @@
+"""The chat completion pipeline over a scripted token generator (no model, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from logic.chat import ChatCompletionService
+from logic.errors import InvalidRequestError, ModelNotFoundError
+from logic.model_files import ModelFiles
+from logic.protocol import ChatCompletionRequest, GenerationChunk, SamplingParams
+from logic.settings import Settings
+
+
+class ScriptedGenerator:
+    """Plays back the tokens of ``text`` (then EOS), honouring max_new_tokens like a runner."""
+
+    def __init__(self, files: ModelFiles, text: str, *, eos: bool = True):
+        self.ids = files.tokenizer.encode(text) + (files.eos_token_ids[:1] if eos else [])
+        self.calls: list[tuple[list[int], SamplingParams]] = []
+        self.sent = 0
+        self.closed = False
+
+    def __call__(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        self.calls.append((prompt_ids, params))
+        return self._stream(params)
+
+    async def _stream(self, params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        try:
+            for n, token in enumerate(self.ids, start=1):
+                self.sent = n
+                if token in params.stop_token_ids:
+                    yield GenerationChunk(token_ids=[token], finish_reason="stop")
+                    return
+                finish = "length" if n >= params.max_new_tokens else None
+                yield GenerationChunk(token_ids=[token], finish_reason=finish)
+                if finish:
+                    return
+        finally:
+            self.closed = True
+
+
+@pytest.fixture(scope="module")
+def files(tiny_tokenizer_dir: Path) -> ModelFiles:
+    return ModelFiles.load(tiny_tokenizer_dir)
+
+
+def make(
+    files: ModelFiles, text: str, **settings
+) -> tuple[ChatCompletionService, ScriptedGenerator]:
+    gen = ScriptedGenerator(files, text)
+    overrides = {"model": "tiny-chat", "system_prompt": "Be brief.", "default_max_tokens": 64}
+    config = Settings(**{**overrides, **settings})
+    return ChatCompletionService(files, config, gen, fingerprint="fp_test"), gen
+
+
+def request(content: str = "What is the capital of France?", **kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": content}], **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect_stream(service: ChatCompletionService, req: ChatCompletionRequest):
+    return [chunk async for chunk in service.create_stream(req)]
+
+
+def test_whole_answer_text_finish_reason_and_usage(files):
+    service, gen = make(files, "The capital of France is Paris.")
+    resp = run(service.create(request(temperature=0)))
+    assert resp.choices[0].message.content == "The capital of France is Paris."
+    assert resp.choices[0].finish_reason == "stop"
+    prompt_ids, params = gen.calls[0]
+    # Usage counts the template's tokens, and every generated token including the stop token.
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert resp.usage.completion_tokens == len(gen.ids)
+    assert resp.usage.total_tokens == len(prompt_ids) + len(gen.ids)
+    assert resp.model == "tiny-chat" and resp.system_fingerprint == "fp_test"
+    assert resp.id.startswith("chatcmpl-")
+    assert params.temperature == 0
+    assert params.stop_token_ids == files.stop_token_ids
+    assert set(files.stop_token_ids) > set(files.eos_token_ids)
+
+
+def test_prompt_is_the_template_with_the_default_system_prompt(files):
+    service, gen = make(files, "ok")
+    run(service.create(request("Hi")))
+    expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert gen.calls[0][0] == files.tokenizer.encode(expected)
+
+
+def test_max_tokens_truncates_with_finish_reason_length(files):
+    service, gen = make(files, "The capital of France is Paris.")
+    resp = run(service.create(request(max_tokens=3)))
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 3
+    assert resp.choices[0].message.content == files.tokenizer.decode(gen.ids[:3]).strip()
+
+
+def test_max_completion_tokens_is_honoured_too(files):
+    service, gen = make(files, "The capital of France is Paris.")
+    run(service.create(request(max_completion_tokens=2)))
+    assert gen.calls[0][1].max_new_tokens == 2
+
+
+def test_default_budget_is_the_setting_capped_by_the_window(files):
+    service, gen = make(files, "ok", default_max_tokens=10_000)
+    run(service.create(request("Hi")))
+    prompt_ids, params = gen.calls[0]
+    assert params.max_new_tokens == files.context_length - len(prompt_ids)
+
+
+def test_stop_string_ends_the_answer_and_closes_the_generator_early(files):
+    service, gen = make(files, "The capital of France is Paris. The quick brown fox")
+    resp = run(service.create(request(stop=["Paris"])))
+    assert resp.choices[0].message.content == "The capital of France is"
+    assert resp.choices[0].finish_reason == "stop"
+    assert gen.closed and gen.sent < len(gen.ids)
+
+
+def test_a_template_marker_token_ends_the_turn(files):
+    service, gen = make(files, "Paris.<|im_start|>user\nmore")  # encoded as the special token
+    resp = run(service.create(request()))
+    assert resp.choices[0].message.content == "Paris."
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_a_template_marker_spelled_as_plain_text_ends_the_turn(files):
+    service, gen = make(files, "")
+    pieces = ["Paris.<|im_", "end|", ">\nmore"]  # encoded apart: no special token forms
+    gen.ids = [i for piece in pieces for i in files.tokenizer.encode(piece)]
+    assert not set(gen.ids) & set(files.stop_token_ids)
+    resp = run(service.create(request()))
+    assert resp.choices[0].message.content == "Paris."
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_stream_concatenation_equals_the_whole_answer(files):
+    text = "  Grüße aus Köln 日本語 🙂 — The capital of France is Paris.  "
+    whole = run(make(files, text)[0].create(request()))
+    chunks = run(collect_stream(make(files, text)[0], request(stream=True)))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole.choices[0].message.content == text.strip()
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_usage_chunk_only_when_asked(files):
+    plain = run(collect_stream(make(files, "Paris.")[0], request(stream=True)))
+    assert all(c.usage is None for c in plain)
+    chunks = run(
+        collect_stream(
+            make(files, "Paris.")[0], request(stream=True, stream_options={"include_usage": True})
+        )
+    )
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == len(files.tokenizer.encode("Paris.")) + 1
+
+
+def test_stream_validates_before_the_first_chunk(files):
+    service, gen = make(files, "x")
+    with pytest.raises(ModelNotFoundError):
+        service.create_stream(request(model="gpt-4o", stream=True))
+    assert gen.calls == []
+
+
+def test_unknown_model_is_404_and_the_served_name_is_accepted(files):
+    service, _ = make(files, "ok")
+    with pytest.raises(ModelNotFoundError) as info:
+        run(service.create(request(model="gpt-4o")))
+    assert info.value.status_code == 404 and info.value.param == "model"
+    assert run(service.create(request(model="tiny-chat"))).model == "tiny-chat"
+    assert [m.id for m in service.models().data] == ["tiny-chat"]
+
+
+def test_prompt_beyond_the_window_is_refused_before_generation(files):
+    service, gen = make(files, "ok")
+    with pytest.raises(InvalidRequestError) as info:
+        run(service.create(request("Paris " * 400)))
+    assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+    assert gen.calls == []
+
+
+def test_max_tokens_beyond_the_window_names_the_parameter(files):
+    service, _ = make(files, "ok")
+    with pytest.raises(InvalidRequestError) as info:
+        run(service.create(request(max_tokens=files.context_length)))
+    assert (
+        info.value.param == "max_tokens" and "maximum context length is 256" in info.value.message
+    )
