@@ -44,7 +44,7 @@ def test_chat_completion_has_the_openai_shape(client):
     assert choice["finish_reason"] in {"stop", "length"}
     usage = body["usage"]
     assert 0 < usage["completion_tokens"] <= 5
-    assert usage["prompt_tokens"] > len("Hello, how are you today?".split())
+    assert usage["prompt_tokens"] > 10  # the template and system prompt are counted
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 

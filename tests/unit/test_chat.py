@@ -91,7 +91,11 @@ def test_whole_answer_text_finish_reason_and_usage(files):
 def test_prompt_is_the_template_with_the_default_system_prompt(files):
     service, gen = make(files, "ok")
     run(service.create(request("Hi")))
-    expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert gen.calls[0][0] == files.tokenizer.encode(expected)
 
 
