@@ -134,13 +134,27 @@ async def list_models(request: Request) -> Response:
     return JSONResponse(chat.models().model_dump(mode="json"))
 
 
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_ROUTES = [
+    Route("/chat/completions", chat_completions, methods=["POST"]),
+    Route("/models", list_models, methods=["GET"]),
+]
+
+
+async def unknown_route(request: Request) -> Response:
+    """Anything else under /v1: an OpenAI-shaped 404 (or 405), not a plain-text page."""
+    known = any(request.url.path.endswith(route.path) for route in _ROUTES)
+    error = InvalidRequestError(
+        f"{'Method not allowed' if known else 'Unknown route'}: {request.method} {request.url.path}"
+    )
+    error.status_code = 405 if known else 404
+    return _error_response(error)
+
+
 def create_openai_app() -> Starlette:
     """The ``/v1`` routes; ``app.state.chat`` is set by the service that mounts it."""
     return Starlette(
-        routes=[
-            Route("/chat/completions", chat_completions, methods=["POST"]),
-            Route("/models", list_models, methods=["GET"]),
-        ],
+        routes=[*_ROUTES, Route("/{path:path}", unknown_route, methods=_ALL_METHODS)],
         exception_handlers={
             APIError: _handle_api_error,
             HTTPException: _handle_http_exception,

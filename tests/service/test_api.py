@@ -138,6 +138,19 @@ def test_bad_input_is_a_4xx_openai_error_and_the_service_keeps_serving(client, r
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/v1/embeddings", 404),
+    ],
+)
+def test_wrong_routes_get_openai_shaped_errors(client, method, path, status):
+    resp = client.request(method, path, json={})
+    assert resp.status_code == status
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_health_endpoints_are_served(client):
     # /metrics needs the served process's Prometheus set-up: the end-to-end test checks it.
     assert client.get("/livez").status_code == 200
