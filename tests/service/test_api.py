@@ -10,15 +10,16 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-SERVICES = ["ChatAPI", "Monolith"]
 USER = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
-@pytest.fixture(scope="module", params=SERVICES)
-def client(request, tiny_model_tag: str) -> Iterator[TestClient]:
-    import service
+@pytest.fixture(scope="module")
+def client(tiny_model_tag: str) -> Iterator[TestClient]:
+    # One ASGI app per process (BentoML registers its Prometheus metrics globally); the
+    # monolith is served for real in tests/e2e.
+    from service import ChatAPI
 
-    app = getattr(service, request.param).to_asgi()
+    app = ChatAPI.to_asgi()
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
