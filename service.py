@@ -78,7 +78,9 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
 async def _read_request(request: Request) -> ChatCompletionRequest:
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        # Lone surrogates ("\ud800") parse but cannot be tokenized or echoed back.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeError, huge ints
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. Send valid JSON.",
             code="invalid_json",

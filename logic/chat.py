@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from logic.cleanup import OutputCleaner
-from logic.errors import InvalidRequestError, ModelNotFoundError
+from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
 from logic.model_files import ModelFiles
 from logic.prompt import apply_prompt_policy
 from logic.protocol import (
@@ -162,23 +162,24 @@ class ChatCompletionService:
                 if chunk.finish_reason == "stop" and ids and ids[-1] in stop_ids:
                     ids = ids[:-1]  # the stop token is counted, never shown
                 text = cleaner.push(stops.push(detokenizer.push(ids)))
-                if stops.stopped:
-                    progress.finish_reason = "stop"
-                elif chunk.finish_reason is not None:
-                    progress.finish_reason = chunk.finish_reason
+                if chunk.finish_reason is not None and not stops.stopped:
                     text += cleaner.push(stops.push(detokenizer.flush()) + stops.flush())
+                    progress.finish_reason = chunk.finish_reason
+                if stops.stopped:  # a stop string wins, even one completed by the flush
+                    progress.finish_reason = "stop"
                 yield text  # may be empty: callers learn that the runner answered
                 if progress.finish_reason is not None:
                     return
-        # The generator ended without saying why: treat as truncated, never as a clean stop.
-        progress.finish_reason = "length"
+        # The runner's stream ended without a finish reason: it died or was cut off.
+        raise RunnerUnavailableError("The model runner ended the generation unexpectedly.")
 
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         """A whole answer."""
         prepared = self.prepare(request)
         progress = _Progress(prompt_tokens=len(prepared.prompt_ids))
-        async for text in self._text_deltas(prepared, progress):
-            progress.text_parts.append(text)
+        async with contextlib.aclosing(self._text_deltas(prepared, progress)) as deltas:
+            async for text in deltas:
+                progress.text_parts.append(text)
         assert progress.finish_reason is not None
         return ChatCompletionResponse(
             model=self.model_name,
@@ -214,14 +215,16 @@ class ChatCompletionService:
             )
 
         started = False
-        async for text in self._text_deltas(prepared, progress):
-            # The role chunk waits for the runner's first token, so a runner that cannot
-            # answer fails the request before any byte is sent (and gets a proper status).
-            if not started:
-                started = True
-                yield chunk(DeltaMessage(role="assistant", content=""))
-            if text:
-                yield chunk(DeltaMessage(content=text))
+        # aclosing: a client that leaves closes this stream, and with it the runner's.
+        async with contextlib.aclosing(self._text_deltas(prepared, progress)) as deltas:
+            async for text in deltas:
+                # The role chunk waits for the runner's first token, so a runner that cannot
+                # answer fails the request before any byte is sent (with a proper status).
+                if not started:
+                    started = True
+                    yield chunk(DeltaMessage(role="assistant", content=""))
+                if text:
+                    yield chunk(DeltaMessage(content=text))
         yield chunk(DeltaMessage(), progress.finish_reason)
         if include_usage:
             yield ChatCompletionChunk(

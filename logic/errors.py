@@ -80,7 +80,14 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
 
 def from_validation_error(exc: ValidationError) -> InvalidRequestError:
     """The first validation problem, as a 400 that names the offending field."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # A union reports one error per member; a wrong-type complaint about the member the
+    # client did not mean ("should be a valid string" for a list) is the least useful one.
+    root = errors[0]["loc"][:1]
+    err = next(
+        (e for e in errors if e["loc"][:1] == root and not e["type"].endswith("_type")),
+        errors[0],
+    )
     # Union members and validators add their own names to the location; keep the field path.
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_type_tag(p))
     param = format_loc(loc) or None
@@ -106,6 +113,6 @@ def from_validation_error(exc: ValidationError) -> InvalidRequestError:
 
 
 def _is_type_tag(part: str) -> bool:
-    # pydantic puts union member names such as "str" or "list[...]" or "function-after[...]"
-    # into error locations; they are not request fields.
-    return part in {"str", "int", "float", "bool"} or "[" in part
+    # pydantic puts union member names such as "str", "constrained-str" or "list[...]"
+    # into error locations; request fields are plain identifiers.
+    return not part.isidentifier() or part in {"str", "int", "float", "bool", "list", "dict"}

@@ -26,6 +26,7 @@ class SamplingParams(BaseModel):
 
 
 FinishReason = Literal["stop", "length"]
+MAX_STOP_LENGTH = 512  # characters per stop string: matching cost grows with it
 
 
 class GenerationChunk(BaseModel):
@@ -50,13 +51,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart]
-    name: str | None = None
 
     @property
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 
 
 class StreamOptions(BaseModel):
@@ -76,8 +79,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -20,6 +20,7 @@ from logic.protocol import FinishReason, GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-5  # temperatures this small are argmax in all but name
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -43,7 +44,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Next token from one row of logits: argmax at temperature 0, else temperature + top-p."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:  # dividing by ~0 overflows to inf, then NaN
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -125,6 +126,17 @@ class GenerationEngine:
         seq.length += len(input_ids)
         return sample_token(out.logits[0, -1], seq.params, seq.generator)
 
+    async def _locked_step(self, seq: _Sequence, feed: list[int]) -> int:
+        """One step in a worker thread. If the caller is cancelled meanwhile, the lock is
+        still held until the thread is done, so two forward passes never overlap."""
+        async with self._lock:
+            step = asyncio.ensure_future(asyncio.to_thread(self._step, seq, feed))
+            try:
+                return await asyncio.shield(step)
+            except asyncio.CancelledError:
+                await asyncio.wait([step])
+                raise
+
     def validate(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
@@ -144,8 +156,7 @@ class GenerationEngine:
         produced = 0
         try:
             while True:
-                async with self._lock:
-                    token = await asyncio.to_thread(self._step, seq, feed)
+                token = await self._locked_step(seq, feed)
                 produced += 1
                 finish: FinishReason | None = None
                 if token in stop_ids:

@@ -124,6 +124,13 @@ LONG = [{"role": "user", "content": "Paris " * 400}]
             400,
             "max_tokens",
         ),
+        (json.dumps({"messages": USER, "seed": 2**70}).encode(), 400, "seed"),
+        (json.dumps({"messages": USER, "stop": "x" * 5000}).encode(), 400, "stop"),
+        (json.dumps({"messages": [{**USER[0], "name": "bob"}]}).encode(), 400, "messages[0].name"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+        (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", 400, None),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+        (b"\xff\xfe not utf-8", 400, None),
     ],
 )
 def test_bad_input_is_a_4xx_openai_error_and_the_service_keeps_serving(client, raw, status, param):
@@ -150,6 +157,15 @@ def test_wrong_routes_get_openai_shaped_errors(client, method, path, status):
     resp = client.request(method, path, json={})
     assert resp.status_code == status
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_vanishingly_small_temperature_is_greedy_not_an_error(client):
+    greedy = {"messages": USER, "max_tokens": 8, "temperature": 0}
+    tiny = {**greedy, "temperature": 1e-38}
+    first = client.post("/v1/chat/completions", json=greedy).json()
+    second = client.post("/v1/chat/completions", json=tiny)
+    assert second.status_code == 200
+    assert second.json()["choices"][0]["message"] == first["choices"][0]["message"]
 
 
 def test_health_endpoints_are_served(client):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from logic.chat import ChatCompletionService
-from logic.errors import InvalidRequestError, ModelNotFoundError
+from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
 from logic.model_files import ModelFiles
 from logic.protocol import ChatCompletionRequest, GenerationChunk, SamplingParams
 from logic.settings import Settings
@@ -201,3 +201,14 @@ def test_max_tokens_beyond_the_window_names_the_parameter(files):
     assert (
         info.value.param == "max_tokens" and "maximum context length is 256" in info.value.message
     )
+
+
+def test_a_runner_stream_that_ends_without_a_reason_is_a_503_not_a_short_answer(files):
+    service, gen = make(files, "Paris")
+
+    async def cut_off(prompt_ids, params):
+        yield GenerationChunk(token_ids=files.tokenizer.encode("Par"))
+
+    service._generate = cut_off
+    with pytest.raises(RunnerUnavailableError):
+        run(service.create(request()))
