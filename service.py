@@ -64,10 +64,7 @@ async def _handle_api_error(request: Request, exc: Exception) -> Response:
 
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error = APIError(str(exc.detail), code=None)
-    error.status_code = exc.status_code
-    error.error_type = "invalid_request_error"
-    return _error_response(error)
+    return _error_response(InvalidRequestError(str(exc.detail), status_code=exc.status_code))
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
@@ -146,11 +143,12 @@ _ROUTES = [
 async def unknown_route(request: Request) -> Response:
     """Anything else under /v1: an OpenAI-shaped 404 (or 405), not a plain-text page."""
     known = any(request.url.path.endswith(route.path) for route in _ROUTES)
-    error = InvalidRequestError(
-        f"{'Method not allowed' if known else 'Unknown route'}: {request.method} {request.url.path}"
+    reason = "Method not allowed" if known else "Unknown route"
+    return _error_response(
+        InvalidRequestError(
+            f"{reason}: {request.method} {request.url.path}", status_code=405 if known else 404
+        )
     )
-    error.status_code = 405 if known else 404
-    return _error_response(error)
 
 
 def create_openai_app() -> Starlette:

@@ -18,11 +18,20 @@ class APIError(Exception):
     status_code = 500
     error_type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        if status_code is not None:
+            self.status_code = status_code
 
     def to_body(self) -> dict[str, Any]:
         return {
