@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from logic.cleanup import OutputCleaner
 from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
@@ -59,7 +59,6 @@ class _Progress:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
-    text_parts: list[str] = field(default_factory=list)
 
     @property
     def usage(self) -> Usage:
@@ -178,15 +177,14 @@ class ChatCompletionService:
         prepared = self.prepare(request)
         progress = _Progress(prompt_tokens=len(prepared.prompt_ids))
         async with contextlib.aclosing(self._text_deltas(prepared, progress)) as deltas:
-            async for text in deltas:
-                progress.text_parts.append(text)
+            parts = [text async for text in deltas]
         assert progress.finish_reason is not None
         return ChatCompletionResponse(
             model=self.model_name,
             system_fingerprint=self._fingerprint,
             choices=[
                 ChatCompletionChoice(
-                    message=AssistantMessage(content="".join(progress.text_parts)),
+                    message=AssistantMessage(content="".join(parts)),
                     finish_reason=progress.finish_reason,
                 )
             ],
