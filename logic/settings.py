@@ -52,6 +52,20 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu."
     )
+    engine: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="native: batched Llama-family path; transformers: any model, unbatched; "
+        "auto: native when the model allows it.",
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most sequences in one step (default: 16 on cpu, 128 on cuda)."
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens in one step, decode plus prefill chunks "
+        "(default: 512 on cpu, 8192 on cuda).",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -1,15 +1,32 @@
-"""The generation engine: a Hugging Face causal LM, its device, and a token loop.
+"""The generation engine: continuous (iteration-level) batching over one model.
 
-This is the only module that imports torch and transformers at serve time. It speaks
-token ids only: prompt ids and :class:`SamplingParams` in, :class:`GenerationChunk` s out.
+This and :mod:`runners.batch_model` are the only modules that import torch at serve time.
+The engine speaks token ids only: prompt ids and :class:`SamplingParams` in, a stream of
+:class:`GenerationChunk` s out.
+
+One scheduler thread owns the model. Each iteration it builds one step from
+
+* every running sequence's next decode token (one row each), then
+* prompt tokens of waiting sequences (chunked prefill), FIFO, while the step's token
+  budget (``max_batch_tokens``) and the free slots (``max_batch_size``) allow,
+
+runs one forward pass (:meth:`BatchModel.forward`), samples a token for every sequence
+whose step produced logits, and hands each token to its consumer's event loop at once. A
+request therefore joins the batch right after its prefill, leaves it at the step it
+finishes, and its first token costs one prefill, not a whole batch. A consumer that goes
+away (closed stream, client disconnect, timeout) marks its request cancelled; the
+scheduler drops it before the next step and its slot is free for the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams
+from runners.batch_model import BatchModel, Work, build_batch_model
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +44,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# Defaults per device: a CPU is compute-bound early, a GPU wants wide batches.
+_DEFAULT_LIMITS = {"cpu": (16, 512), "cuda": (128, 8192)}  # (max batch size, max step tokens)
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -57,31 +77,82 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@dataclass
-class _Sequence:
-    """One request's state between steps."""
+class EngineClosedError(RuntimeError):
+    """The engine shut down while the request was waiting or running."""
 
+
+@dataclass(eq=False)
+class _Request:
+    """One request's state; the scheduler thread owns everything but ``cancelled``."""
+
+    prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
-    cache: Any = None
-    length: int = 0  # tokens in the cache
+    generator: torch.Generator | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    stop_ids: frozenset[int] = frozenset()
+    slot: int = -1
+    length: int = 0  # tokens in the KV cache
+    next_token: int | None = None  # sampled, not yet fed
+    produced: int = 0
+    cancelled: bool = False  # set by the consumer, from its event loop's thread
+    finished: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.prompt_ids)
+
+    def deliver(self, item: GenerationChunk | BaseException) -> None:
+        """Hand ``item`` to the consumer's loop; a consumer whose loop is gone is cancelled."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # event loop closed
+            self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    """Counters for logs, tests and benchmarks."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    max_running: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
 class GenerationEngine:
-    """Generates token streams from one model; one forward pass at a time.
+    """Streams generated tokens for many concurrent requests from one continuously batched model.
 
-    Each step runs in a worker thread so the event loop keeps serving other requests; a
-    lock serializes steps, so concurrent requests interleave token by token. A consumer
-    that stops iterating (client gone, stop string matched) ends its request at the next
-    step, and its KV cache is released with it.
+    ``stream`` may be called from any event loop (and from several). The model runs only on
+    the scheduler thread, so forward passes never overlap.
     """
 
-    def __init__(self, model: Any, device: torch.device, context_length: int):
-        self.model = model
+    def __init__(
+        self,
+        batch_model: BatchModel,
+        device: torch.device,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+    ):
+        self.batch_model = batch_model
         self.device = device
-        self.context_length = context_length
-        self.vocab_size = model.config.vocab_size
-        self._lock = asyncio.Lock()
+        self.context_length = batch_model.context_length
+        self.vocab_size = batch_model.vocab_size
+        self.max_batch_size = min(max_batch_size, batch_model.max_slots)
+        self.max_batch_tokens = max(max_batch_tokens, self.max_batch_size)
+        self.stats = EngineStats()
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._free_slots = list(range(self.max_batch_size))
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
 
     @classmethod
     def load(
@@ -91,6 +162,9 @@ class GenerationEngine:
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
+        backend: str = "auto",
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> GenerationEngine:
         if threads:
             torch.set_num_threads(threads)
@@ -99,43 +173,31 @@ class GenerationEngine:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         model.to(dev).eval()
         context = int(getattr(model.config, "max_position_embeddings", 2048))
-        logger.info("Loaded %s on %s as %s", path, dev, torch_dtype)
-        engine = cls(model, dev, context)
+        default_batch, default_tokens = _DEFAULT_LIMITS.get(dev.type, _DEFAULT_LIMITS["cpu"])
+        batch = max_batch_size or default_batch
+        batch_model = build_batch_model(
+            model, backend=backend, max_slots=batch, context_length=context
+        )
+        engine = cls(
+            batch_model,
+            dev,
+            max_batch_size=batch,
+            max_batch_tokens=max_batch_tokens or default_tokens,
+        )
+        logger.info(
+            "Loaded %s on %s as %s: %s, batch <= %d sequences / %d tokens per step",
+            path, dev, torch_dtype, type(batch_model).__name__,
+            engine.max_batch_size, engine.max_batch_tokens,
+        )  # fmt: skip
         engine.warm_up()
         return engine
 
-    def warm_up(self) -> None:
-        """One short forward pass, so the first request does not pay for lazy init."""
-        seq = self._new_sequence(SamplingParams(max_new_tokens=1, temperature=0.0))
-        self._step(seq, [0, 1])
+    @property
+    def model(self) -> Any:
+        """The underlying transformers model."""
+        return self.batch_model.model  # type: ignore[attr-defined]
 
-    def _new_sequence(self, params: SamplingParams) -> _Sequence:
-        generator = torch.Generator(device=self.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
-        return _Sequence(params=params, generator=generator)
-
-    @torch.inference_mode()
-    def _step(self, seq: _Sequence, input_ids: list[int]) -> int:
-        """Feed ``input_ids`` (the prompt, or the last token) and sample the next token."""
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
-        seq.cache = out.past_key_values
-        seq.length += len(input_ids)
-        return sample_token(out.logits[0, -1], seq.params, seq.generator)
-
-    async def _locked_step(self, seq: _Sequence, feed: list[int]) -> int:
-        """One step in a worker thread. If the caller is cancelled meanwhile, the lock is
-        still held until the thread is done, so two forward passes never overlap."""
-        async with self._lock:
-            step = asyncio.ensure_future(asyncio.to_thread(self._step, seq, feed))
-            try:
-                return await asyncio.shield(step)
-            except asyncio.CancelledError:
-                await asyncio.wait([step])
-                raise
+    # -- the consumer side (any event loop) ------------------------------------------------
 
     def validate(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -145,27 +207,222 @@ class GenerationEngine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise ValueError(f"prompt_ids out of the vocabulary (0..{self.vocab_size - 1})")
 
+    def _make_request(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        generator = None
+        if params.temperature >= GREEDY_BELOW:
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        return _Request(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            generator=generator,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            stop_ids=frozenset(params.stop_token_ids),
+        )
+
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
-        """Generated tokens, one chunk per step; the last chunk carries the finish reason."""
+        """Generated tokens as they come; the last chunk carries the finish reason.
+
+        When the consumer falls behind, the tokens waiting for it are sent as one chunk.
+        """
         self.validate(prompt_ids)
-        seq = self._new_sequence(params)
-        stop_ids = set(params.stop_token_ids)
-        feed = prompt_ids
-        produced = 0
+        if self._closed:
+            raise EngineClosedError("the engine is shut down")
+        request = self._make_request(prompt_ids, params)
+        self._submit(request)
         try:
             while True:
-                token = await self._locked_step(seq, feed)
-                produced += 1
+                item = await request.queue.get()
+                ids: list[int] = []
                 finish: FinishReason | None = None
-                if token in stop_ids:
-                    finish = "stop"
-                elif produced >= params.max_new_tokens or seq.length + 1 >= self.context_length:
-                    finish = "length"
-                yield GenerationChunk(token_ids=[token], finish_reason=finish)
+                while True:
+                    if isinstance(item, BaseException):
+                        raise item
+                    ids += item.token_ids
+                    finish = item.finish_reason
+                    if finish is not None or request.queue.empty():
+                        break
+                    item = request.queue.get_nowait()
+                yield GenerationChunk(token_ids=ids, finish_reason=finish)
                 if finish is not None:
                     return
-                feed = [token]
         finally:
-            seq.cache = None  # free the KV cache as soon as the request leaves
+            if not request.finished:
+                request.cancelled = True
+                self._notify()
+
+    def _submit(self, request: _Request) -> None:
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def warm_up(self) -> None:
+        """One prefill and one decode step through the scheduler, so no request pays lazy
+        init. Safe to call from inside a running event loop (it runs in its own thread)."""
+
+        async def once() -> None:
+            params = SamplingParams(max_new_tokens=2, temperature=0.0)
+            async for _ in self.stream([0, 1, 2], params):
+                pass
+
+        worker = threading.Thread(target=asyncio.run, args=(once(),), name="llm-warm-up")
+        worker.start()
+        worker.join()
+        self.batch_model.trim()
+        self.stats = EngineStats()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler; requests still in it fail with :class:`EngineClosedError`."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) + len(self._pending)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    if not self._closed and not self._has_work():
+                        self.batch_model.trim()  # idle: give the KV cache memory back
+                    while not self._closed and not self._has_work():
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    self._waiting.extend(self._pending)
+                    self._pending.clear()
+                self._drop_cancelled()
+                work, members = self._schedule()
+                if not work:
+                    continue
+                try:
+                    logits = self.batch_model.forward(work)
+                    self._advance(members, work, logits)
+                except Exception as exc:  # a failed step fails its requests, not the engine
+                    logger.exception("generation step failed for %d requests", len(members))
+                    for request in members:
+                        self._finish(request, cancelled=False)
+                        request.deliver(RuntimeError(f"generation step failed: {exc!r}"))
+        for request in [*self._running, *self._waiting, *self._pending]:
+            request.deliver(EngineClosedError("the engine is shut down"))
+            self._finish(request, cancelled=False)
+
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._waiting or self._running)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._running if r.cancelled]:
+            self._finish(request, cancelled=True)
+        if any(r.cancelled for r in self._waiting):
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._finish(request, cancelled=True)
+
+    def _schedule(self) -> tuple[list[Work], list[_Request]]:
+        """This step's work: every decode, then prefill chunks within the token budget."""
+        work: list[Work] = []
+        members: list[_Request] = []
+        budget = self.max_batch_tokens
+        # Decode rows in slot order, so the batch model sees dense slots when it can.
+        for request in sorted(self._running, key=lambda r: r.slot):
+            if not request.prefilling:
+                work.append(Work(request.slot, [request.next_token], request.length))
+                members.append(request)
+                budget -= 1
+        # Half-done prefills first (they hold slots), then new requests in arrival order.
+        prefills = [r for r in self._running if r.prefilling] + list(self._waiting)
+        for request in prefills:
+            if budget <= 0:
+                break
+            if request.slot < 0:
+                if not self._free_slots:
+                    break
+                request.slot = self._free_slots.pop(0)
+                self._waiting.remove(request)
+                self._running.append(request)
+            start = request.length
+            chunk = request.prompt_ids[start : start + budget]
+            done = start + len(chunk) == len(request.prompt_ids)
+            work.append(Work(request.slot, chunk, start, want_logits=done))
+            members.append(request)
+            budget -= len(chunk)
+        return work, members
+
+    def _advance(self, members: list[_Request], work: list[Work], logits: torch.Tensor) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.batch_sizes[len(members)] += 1
+        stats.max_running = max(stats.max_running, len(self._running))
+        sampled: list[tuple[_Request, int]] = []
+        greedy_rows: list[int] = []
+        row = 0
+        for request, item in zip(members, work, strict=True):
+            request.length += len(item.token_ids)
+            if request.length <= len(request.prompt_ids):
+                stats.prefill_tokens += len(item.token_ids)
+            else:
+                stats.decode_tokens += 1
+            if not item.want_logits:
+                continue
+            if request.generator is None:
+                greedy_rows.append(row)
+                sampled.append((request, -1))
+            else:
+                token = sample_token(logits[row], request.params, request.generator)
+                sampled.append((request, token))
+            row += 1
+        if greedy_rows:  # one argmax and one device sync for all greedy rows
+            picks = iter(logits[greedy_rows].argmax(dim=-1).tolist())
+            sampled = [(r, next(picks) if t < 0 else t) for r, t in sampled]
+        for request, token in sampled:
+            self._emit(request, token)
+
+    def _emit(self, request: _Request, token: int) -> None:
+        request.produced += 1
+        finish: FinishReason | None = None
+        if token in request.stop_ids:
+            finish = "stop"
+        elif (
+            request.produced >= request.params.max_new_tokens
+            or request.length + 1 >= self.context_length
+        ):
+            finish = "length"
+        request.next_token = token
+        if finish is not None:  # out of the batch before the consumer hears it is done
+            self._finish(request, cancelled=False)
+        request.deliver(GenerationChunk(token_ids=[token], finish_reason=finish))
+
+    def _finish(self, request: _Request, *, cancelled: bool) -> None:
+        """Take the request out of the batch and give its slot back."""
+        request.finished = True
+        if cancelled:
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        with contextlib.suppress(ValueError):
+            self._running.remove(request)
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(request)
+        if request.slot >= 0:
+            self.batch_model.release(request.slot)
+            self._free_slots.append(request.slot)
+            self._free_slots.sort()
+            request.slot = -1

@@ -41,6 +41,9 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
         device=settings.device,
         dtype=settings.dtype,
         threads=settings.torch_threads,
+        backend=settings.engine,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
     )
 
 

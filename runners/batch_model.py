@@ -1,0 +1,316 @@
+"""One forward pass over a ragged batch: decode tokens and prefill chunks, each in its slot.
+
+The scheduler (``runners/engine.py``) decides what runs in a step; a *batch model* runs it.
+A step is a list of :class:`Work` items, one per sequence: the tokens to feed (one for a
+decode step, a slice of the prompt for a prefill chunk), the position of the first of them,
+and the KV-cache *slot* the sequence owns. The result is the logits of each item's last
+token. Slots are the scheduler's to hand out; :meth:`release` forgets one.
+
+Two implementations:
+
+:class:`SlotLlama`
+    The fast path for Llama-family decoders (llama, mistral without a sliding window,
+    qwen2, qwen3). It reuses the Hugging Face module weights and layers (norms, MLPs,
+    projections) but replaces the attention and the cache: every token of the step is one
+    row of a flat ``[tokens, hidden]`` matrix, so the weights are read once per step
+    however many sequences take part and no padding is computed; K/V go straight into a
+    preallocated ``[layers, 2, slots, kv_heads, capacity, head_dim]`` tensor that grows by
+    doubling and shrinks back when the runner is idle. Nothing is concatenated or copied
+    when a sequence joins or leaves.
+
+:class:`SequentialHF`
+    Any other causal LM: a ``DynamicCache`` per slot and one ``model(...)`` call per item.
+    Correct for every architecture transformers can load, but without batching.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+logger = logging.getLogger(__name__)
+
+NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_UNSUPPORTED_ROPE = frozenset({"dynamic", "longrope"})  # inv_freq changes with length
+
+
+@dataclass(frozen=True)
+class Work:
+    """One sequence's share of a step."""
+
+    slot: int
+    token_ids: list[int]
+    position: int  # cache position of token_ids[0]; tokens before it are cached already
+    want_logits: bool = True  # False for a prefill chunk that does not end the prompt
+
+
+class BatchModel(Protocol):
+    max_slots: int
+    context_length: int
+    vocab_size: int
+
+    def forward(self, work: list[Work]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` for the items with ``want_logits``, in order."""
+        ...
+
+    def release(self, slot: int) -> None: ...
+
+    def trim(self) -> None:
+        """Give cache memory back; called when no sequence is running."""
+        ...
+
+
+def native_support(config: Any) -> str | None:
+    """Why :class:`SlotLlama` cannot run this config, or None when it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in NATIVE_MODEL_TYPES:
+        return f"model_type {model_type!r} has no native path"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        if window < getattr(config, "max_position_embeddings", 0):
+            return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) in _UNSUPPORTED_ROPE:
+        return f"rope type {rope.get('rope_type')!r}"
+    if getattr(config, "layer_types", None) and any(
+        kind != "full_attention" for kind in config.layer_types
+    ):
+        return "layers other than full attention"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SlotLlama:
+    """Ragged continuous-batching forward for a Llama-family ``*ForCausalLM``."""
+
+    def __init__(self, model: Any, *, max_slots: int, context_length: int):
+        reason = native_support(model.config)
+        if reason:
+            raise ValueError(f"no native path for this model: {reason}")
+        cfg = model.config
+        self.model = model
+        self.max_slots = max_slots
+        self.context_length = context_length
+        self.vocab_size = cfg.vocab_size
+        self.device = model.device
+        self.dtype = model.dtype
+        self.layers = model.model.layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.group = self.heads // self.kv_heads
+        self.scale = self.head_dim**-0.5
+        rotary = model.model.rotary_emb
+        self._inv_freq = rotary.inv_freq.float().to(self.device)
+        self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self._cos = self._sin = torch.empty(0, device=self.device)
+        self._initial = (min(4, max_slots), min(256, context_length))
+        self._cache = self._alloc(*self._initial)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def _alloc(self, slots: int, capacity: int) -> torch.Tensor:
+        shape = (len(self.layers), 2, slots, self.kv_heads, capacity, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _ensure(self, slots: int, capacity: int) -> None:
+        """Grow the cache (by doubling, within the limits) to hold ``slots`` x ``capacity``."""
+        have_slots, have_cap = self._cache.shape[2], self._cache.shape[4]
+        if slots <= have_slots and capacity <= have_cap:
+            return
+        new_slots = min(self.max_slots, max(slots, 2 * have_slots if slots > have_slots else 0))
+        new_slots = max(new_slots, have_slots)
+        new_cap = min(self.context_length, max(capacity, 2 * have_cap if capacity > have_cap else 0))
+        new_cap = max(new_cap, have_cap)
+        grown = self._alloc(new_slots, new_cap)
+        grown[:, :, :have_slots, :, :have_cap] = self._cache
+        self._cache = grown
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: a released slot's rows are overwritten by its next owner."""
+
+    def trim(self) -> None:
+        if self._cache.shape[2] > self._initial[0] or self._cache.shape[4] > self._initial[1]:
+            self._cache = self._alloc(*self._initial)
+
+    def cache_bytes(self) -> int:
+        return self._cache.numel() * self._cache.element_size()
+
+    def idle_cache_bytes(self) -> int:
+        """What :meth:`trim` leaves allocated."""
+        slots, capacity = self._initial
+        per_entry = self._cache[:, :, :1, :, :1].numel() * self._cache.element_size()
+        return per_entry * slots * capacity
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1
+        if self._cos.shape[0] < needed:
+            size = min(self.context_length, max(needed, 2 * self._cos.shape[0], 256))
+            t = torch.arange(size, device=self.device, dtype=torch.float32)
+            freqs = torch.outer(t, self._inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = (emb.cos() * self._rope_scale).to(self.dtype)
+            self._sin = (emb.sin() * self._rope_scale).to(self.dtype)
+        return self._cos[positions], self._sin[positions]
+
+    # -- forward -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, work: list[Work]) -> torch.Tensor:
+        dev = self.device
+        counts = [len(w.token_ids) for w in work]
+        top = max(w.position + n for w, n in zip(work, counts, strict=True))
+        self._ensure(max(w.slot for w in work) + 1, top)
+
+        flat_ids = torch.tensor([t for w in work for t in w.token_ids], device=dev)
+        positions = torch.tensor(
+            [w.position + i for w, n in zip(work, counts, strict=True) for i in range(n)],
+            device=dev,
+        )
+        slot_of_token = torch.tensor(
+            [w.slot for w, n in zip(work, counts, strict=True) for _ in range(n)], device=dev
+        )
+        cos, sin = self._rope(positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+
+        # Decode rows (one token each) attend as one padded batch over the slots they use;
+        # prefill chunks attend one by one, causally.
+        starts, offset = [], 0
+        for n in counts:
+            starts.append(offset)
+            offset += n
+        decode = [i for i, n in enumerate(counts) if n == 1 and work[i].position > 0]
+        prefill = [i for i in range(len(work)) if i not in set(decode)]
+        dec_rows = torch.tensor([starts[i] for i in decode], device=dev, dtype=torch.long)
+        dec_slots = torch.tensor([work[i].slot for i in decode], device=dev, dtype=torch.long)
+        if decode:
+            span = max(work[i].position for i in decode) + 1
+            rows = max(work[i].slot for i in decode) + 1
+            lengths = torch.ones(rows, dtype=torch.long, device=dev)  # idle rows see position 0
+            lengths[dec_slots] = torch.tensor([work[i].position + 1 for i in decode], device=dev)
+            dec_mask = (torch.arange(span, device=dev)[None, :] < lengths[:, None])[:, None, None]
+            dense = rows == len(decode) and decode == sorted(decode, key=lambda i: work[i].slot)
+
+        x = self.model.model.embed_tokens(flat_ids)
+        tokens = x.shape[0]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(tokens, self.heads, self.head_dim)
+            k = attn.k_proj(h).view(tokens, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = self._cache[index, 0], self._cache[index, 1]
+            keys[slot_of_token, :, positions] = k
+            values[slot_of_token, :, positions] = v
+
+            out = torch.empty_like(q)
+            if decode:
+                q_dec = q[dec_rows].view(len(decode), self.kv_heads, self.group, self.head_dim)
+                if not dense:
+                    padded = q_dec.new_zeros(rows, self.kv_heads, self.group, self.head_dim)
+                    padded[dec_slots] = q_dec
+                    q_dec = padded
+                o = F.scaled_dot_product_attention(
+                    q_dec,
+                    keys[:rows, :, :span],
+                    values[:rows, :, :span],
+                    attn_mask=dec_mask,
+                    scale=self.scale,
+                )
+                if not dense:
+                    o = o[dec_slots]
+                out[dec_rows] = o.reshape(len(decode), self.heads, self.head_dim)
+            for i in prefill:
+                w, n, s = work[i], counts[i], starts[i]
+                end = w.position + n
+                qi = q[s : s + n].transpose(0, 1)[None]
+                if w.position == 0:
+                    ki, vi = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
+                    mask, causal = None, True
+                else:
+                    ki, vi = keys[w.slot : w.slot + 1, :, :end], values[w.slot : w.slot + 1, :, :end]
+                    key_pos = torch.arange(end, device=dev)[None, :]
+                    query_pos = torch.arange(w.position, end, device=dev)[:, None]
+                    mask, causal = key_pos <= query_pos, False
+                o = F.scaled_dot_product_attention(
+                    qi, ki, vi, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+                )
+                out[s : s + n] = o[0].transpose(0, 1)
+            x = x + attn.o_proj(out.view(tokens, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+        last = [starts[i] + counts[i] - 1 for i in range(len(work)) if work[i].want_logits]
+        if not last:
+            return x.new_empty(0, self.vocab_size)
+        hidden = self.model.model.norm(x[torch.tensor(last, device=dev)])
+        return self.model.lm_head(hidden).float()
+
+
+class SequentialHF:
+    """Any Hugging Face causal LM: a DynamicCache per slot, one forward call per item."""
+
+    def __init__(self, model: Any, *, max_slots: int, context_length: int):
+        self.model = model
+        self.max_slots = max_slots
+        self.context_length = context_length
+        self.vocab_size = model.config.vocab_size
+        self.device = model.device
+        self._caches: dict[int, Any] = {}
+
+    @torch.inference_mode()
+    def forward(self, work: list[Work]) -> torch.Tensor:
+        rows = []
+        for w in work:
+            if w.position == 0:
+                self._caches.pop(w.slot, None)
+            ids = torch.tensor([w.token_ids], device=self.device)
+            out = self.model(
+                input_ids=ids, past_key_values=self._caches.get(w.slot), use_cache=True
+            )
+            self._caches[w.slot] = out.past_key_values
+            if w.want_logits:
+                rows.append(out.logits[0, -1].float())
+        if not rows:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        return torch.stack(rows)
+
+    def release(self, slot: int) -> None:
+        self._caches.pop(slot, None)
+
+    def trim(self) -> None:
+        self._caches.clear()
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for cache in self._caches.values():
+            for layer in getattr(cache, "layers", []):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if tensor is not None:
+                        total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def build_batch_model(
+    model: Any, *, backend: str, max_slots: int, context_length: int
+) -> BatchModel:
+    """``native`` (Llama family), ``transformers`` (anything), or ``auto``: native when it can."""
+    if backend == "auto":
+        reason = native_support(model.config)
+        backend = "transformers" if reason else "native"
+        if reason:
+            logger.warning("Falling back to the unbatched transformers path: %s", reason)
+    if backend == "native":
+        return SlotLlama(model, max_slots=max_slots, context_length=context_length)
+    return SequentialHF(model, max_slots=max_slots, context_length=context_length)
