@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -44,7 +45,8 @@ from logic.protocol import (
     SamplingParams,
 )
 from logic.settings import get_settings
-from runners.llm import LLMRunner, create_engine, read_chunks
+from runners.client import RunnerClient, read_chunks
+from runners.llm import LLMRunner, create_engine
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -201,13 +203,32 @@ class ChatAPI:
     def __init__(self) -> None:
         self.chat = _chat_service(self.model, self._generate)
         api_app.state.chat = self.chat
+        self._client = self._runner_client()
+
+    def _runner_client(self) -> RunnerClient | None:
+        """Our own HTTP client for the runner's URL (see runners/client.py for why), or None
+        when BentoML runs the runner in this process (no runner mapping, e.g. ``to_asgi``)."""
+        self.runner  # noqa: B018 - resolving the dependency records the runner's URL
+        url = getattr(inspect.getattr_static(type(self), "runner"), "url", None)
+        if not url:
+            return None
+        logger.info("runner at %s", url)
+        return RunnerClient(url, timeout=settings.runner_timeout)
+
+    @bentoml.on_shutdown
+    async def _close_runner_client(self) -> None:
+        if self._client is not None:
+            await self._client.close()
 
     async def _generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
-        stream = self.runner.generate(prompt_ids=prompt_ids, **params.model_dump())
+        if self._client is not None:
+            stream = self._client.generate(prompt_ids, params)
+        else:
+            stream = read_chunks(self.runner.generate(prompt_ids=prompt_ids, **params.model_dump()))
         try:
-            async with contextlib.aclosing(read_chunks(stream)) as chunks:
+            async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except _RUNNER_TRANSPORT_ERRORS as exc:

@@ -1,14 +1,24 @@
 """Serving benchmark: N concurrent streaming clients against any OpenAI-compatible URL.
 
-    python -m bench.serving --url http://localhost:3000/v1 --clients 8 --requests 32
-    python -m bench.serving --url http://localhost:8000/v1 --model MODEL_DIR   # a peer server
-    python -m bench.serving --baselines ~/bentoml/models/smollm2-135m-instruct/latest
+    python -m bench.serving --url ours=http://localhost:3000/v1 --clients 8 --requests 32
+    python -m bench.serving --url peer=http://localhost:8000/v1#MODEL_DIR   # '#': model id
+    python -m bench.serving --url http://localhost:3000/v1 --scenario latency \
+        --baselines ~/bentoml/models/smollm2-135m-instruct/latest
 
-Every request streams with ``stream_options.include_usage`` and greedy decoding. The
-workload (mixed prompt and output lengths, seeded) is the same for every target, so runs
-against different servers compare. ``--baselines`` also runs the same workload in process
-with plain ``model.generate``: one request at a time, and in static batches of
-``--clients``. Prints a table and writes every figure to a JSON file.
+Every request streams with ``stream_options.include_usage`` and greedy decoding, and sends
+the same system prompt, so every server renders the same prompt and greedy decoding gives
+the same tokens. The workload (mixed prompt and output lengths, seeded) is the same for
+every target. Scenarios:
+
+* ``throughput``: ``--clients`` concurrent clients work through ``--requests`` requests.
+* ``latency``: one client, the first ``--latency-requests`` requests, one at a time.
+* ``drop``: ``--drop-streams`` streams ask for ``--drop-tokens`` tokens each and are closed
+  after their first token; then one request is timed against the same request on the idle
+  server. A server that keeps generating for dropped streams shows it here.
+
+``--baselines MODEL_DIR`` runs the same workload in process with plain ``model.generate``:
+one request at a time, and in static batches of ``--clients``. Prints a table and writes
+every figure to a JSON file. ``python -m bench.suite`` starts the servers and runs all of it.
 """
 
 from __future__ import annotations
@@ -21,12 +31,16 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 TOPICS = [
     "the water cycle", "how a bicycle works", "the history of Paris", "photosynthesis",
     "why the sky is blue", "how to bake bread", "the planets of the solar system",
     "the rules of chess", "how vaccines work", "the French revolution",
 ]  # fmt: skip
+
+
+SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
 @dataclass(frozen=True)
@@ -95,13 +109,38 @@ def summarize(records: list[RequestRecord], wall: float) -> dict[str, float | in
 # ------------------------------------------------------------------ against a server
 
 
-async def _one_request(client, model: str, item: WorkItem) -> RequestRecord:
+@dataclass(frozen=True)
+class Target:
+    """A server under test: a display name, its OpenAI base URL, the model id it wants."""
+
+    name: str
+    url: str
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Target:
+        """``[NAME=]URL[#MODEL]``."""
+        name, _, rest = spec.rpartition("=") if "=" in spec.split("#")[0] else ("", "", spec)
+        url, _, model = rest.partition("#")
+        return cls(name or url, url, model or None)
+
+
+def messages_for(item: WorkItem) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": item.prompt},
+    ]
+
+
+async def _one_request(
+    client, model: str, item: WorkItem, *, drop_after_first: bool = False
+) -> RequestRecord:
     start = time.perf_counter()
     record = RequestRecord(latency=0.0, ttft=None)
     try:
         stream = await client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": item.prompt}],
+            messages=messages_for(item),
             max_tokens=item.max_tokens,
             temperature=0,
             stream=True,
@@ -112,6 +151,9 @@ async def _one_request(client, model: str, item: WorkItem) -> RequestRecord:
                 now = time.perf_counter() - start
                 record.ttft = now if record.ttft is None else record.ttft
                 record.token_times.append(now)
+                if drop_after_first:
+                    await stream.close()  # the client goes away mid-answer
+                    break
             if chunk.usage is not None:
                 record.output_tokens = chunk.usage.completion_tokens
         if not record.output_tokens:
@@ -122,22 +164,34 @@ async def _one_request(client, model: str, item: WorkItem) -> RequestRecord:
     return record
 
 
-async def run_server(url: str, model: str | None, work: list[WorkItem], clients: int):
+async def _client(target: Target):
     import openai
+
+    client = openai.AsyncOpenAI(base_url=target.url, api_key="bench", max_retries=0, timeout=900)
+    model = target.model
+    if model is None:
+        listed = (await client.models.list()).data
+        model = listed[0].id if listed else "default"
+    return client, model
+
+
+async def run_clients(
+    target: Target, work: list[WorkItem], clients: int, label: str = ""
+) -> tuple[dict, list[RequestRecord]]:
+    """``clients`` concurrent streaming clients share the workload; summary and records."""
     from tqdm.auto import tqdm
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
-    if model is None:
-        model = (await client.models.list()).data[0].id
-    queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-    for item in work:
-        queue.put_nowait(item)
-    records: list[RequestRecord] = []
-    bar = tqdm(total=len(work), desc=f"{clients} clients -> {url}", unit="req")
+    client, model = await _client(target)
+    queue: asyncio.Queue[tuple[int, WorkItem]] = asyncio.Queue()
+    for pair in enumerate(work):
+        queue.put_nowait(pair)
+    records: list[RequestRecord | None] = [None] * len(work)
+    bar = tqdm(total=len(work), desc=label or f"{target.name}: {clients} clients", unit="req")
 
     async def worker():
         while not queue.empty():
-            records.append(await _one_request(client, model, queue.get_nowait()))
+            index, item = queue.get_nowait()
+            records[index] = await _one_request(client, model, item)
             bar.update()
 
     start = time.perf_counter()
@@ -145,13 +199,49 @@ async def run_server(url: str, model: str | None, work: list[WorkItem], clients:
     wall = time.perf_counter() - start
     bar.close()
     await client.close()
-    return summarize(records, wall), [r.error for r in records if r.error][:5]
+    done = [r for r in records if r is not None]
+    return summarize(done, wall), done
+
+
+async def run_drop(
+    target: Target, probe: WorkItem, *, streams: int, tokens: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Latency of ``probe`` when idle, then right after ``streams`` long streams were dropped."""
+    client, model = await _client(target)
+    idle = [await _one_request(client, model, probe) for _ in range(repeats)]
+    long = WorkItem(probe.prompt, tokens)
+    dropped = await asyncio.gather(
+        *(_one_request(client, model, long, drop_after_first=True) for _ in range(streams))
+    )
+    after = await _one_request(client, model, probe)
+    await client.close()
+    idle_latency = statistics.median(r.latency for r in idle)
+    errors = [r.error for r in [*idle, *dropped, after] if r.error]
+    return {
+        "streams": streams,
+        "tokens_asked": tokens,
+        "dropped_first_token_p50_s": percentile(
+            [r.ttft for r in dropped if r.ttft is not None], 50
+        ),
+        "idle_latency_s": idle_latency,
+        "after_drop_latency_s": after.latency,
+        "ratio": after.latency / idle_latency if idle_latency else None,
+        "probe_tokens": after.output_tokens,
+        "errors": errors[:5],
+    }
 
 
 # ------------------------------------------------------------------ in-process baselines
 
 
-def run_baselines(model_dir: str, work: list[WorkItem], batch: int, threads: int | None):
+def run_baselines(
+    model_dir: str,
+    work: list[WorkItem],
+    batch: int,
+    threads: int | None,
+    *,
+    static: bool = True,
+) -> dict[str, tuple[dict, list[RequestRecord]]]:
     """(a) sequential ``model.generate``; (b) static batches of ``batch``, left-padded."""
     import torch
     from tqdm.auto import tqdm
@@ -163,21 +253,21 @@ def run_baselines(model_dir: str, work: list[WorkItem], batch: int, threads: int
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
 
     def prompt_ids(item: WorkItem) -> list[int]:
-        messages = [{"role": "user", "content": item.prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages_for(item), add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generated(row: torch.Tensor, limit: int) -> int:
         """Tokens up to and including the first EOS, at most ``limit``."""
-        ids = row.tolist()[:limit]
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        for n, token in enumerate(ids, start=1):
+        for n, token in enumerate(row.tolist()[:limit], start=1):
             if token in eos_ids:
                 return n
-        return len(ids)
+        return min(limit, row.shape[0])
 
     results = {}
     with torch.inference_mode():
@@ -191,7 +281,9 @@ def run_baselines(model_dir: str, work: list[WorkItem], batch: int, threads: int
             records.append(
                 RequestRecord(latency=time.perf_counter() - t0, ttft=None, output_tokens=n)
             )
-        results["sequential_generate"] = summarize(records, time.perf_counter() - start)
+        results["sequential_generate"] = (summarize(records, time.perf_counter() - start), records)
+        if not static:
+            return results
 
         records, start = [], time.perf_counter()
         for i in tqdm(
@@ -211,8 +303,28 @@ def run_baselines(model_dir: str, work: list[WorkItem], batch: int, threads: int
                         latency=took, ttft=None, output_tokens=generated(row, w.max_tokens)
                     )
                 )
-        results[f"static_batch_{batch}_generate"] = summarize(records, time.perf_counter() - start)
+        name = f"static_batch_{batch}_generate"
+        results[name] = (summarize(records, time.perf_counter() - start), records)
     return results
+
+
+def latency_ratio(served: list[RequestRecord], local: list[RequestRecord]) -> dict[str, Any]:
+    """Served over in-process latency, summed over the requests that produced the same number
+    of tokens both ways (the same greedy answer, so the same work)."""
+    pairs = [
+        (s, b)
+        for s, b in zip(served, local, strict=False)
+        if s.error is None and s.output_tokens == b.output_tokens
+    ]
+    served_s = sum(s.latency for s, _ in pairs)
+    local_s = sum(b.latency for _, b in pairs)
+    return {
+        "requests_compared": len(pairs),
+        "requests_differing": len(served) - len(pairs),
+        "served_latency_s": served_s,
+        "generate_latency_s": local_s,
+        "ratio": served_s / local_s if local_s else None,
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -226,24 +338,42 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_table(results: dict[str, dict]) -> None:
-    columns = [
-        "requests", "errors", "output_tokens", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s",
-        "itl_p50_s", "itl_p95_s", "latency_p50_s", "latency_p95_s",
-    ]  # fmt: skip
-    rows = [[name] + [_fmt(r[c]) for c in columns] for name, r in results.items()]
-    header = ["target", *columns]
+COLUMNS = [
+    "requests", "errors", "output_tokens", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s",
+    "itl_p50_s", "itl_p95_s", "latency_p50_s", "latency_p95_s",
+]  # fmt: skip
+
+
+def table(results: dict[str, dict], columns: list[str] = COLUMNS) -> str:
+    rows = [[name] + [_fmt(r.get(c)) for c in columns] for name, r in results.items()]
+    header = ["run", *columns]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))
+    return "\n".join(
+        "  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    )
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", action="append", default=[], help="OpenAI base URL (repeatable)")
-    parser.add_argument("--model", default=None, help="model id to send (default: first listed)")
+    parser.add_argument(
+        "--url", action="append", default=[], help="[NAME=]URL[#MODEL] (repeatable)"
+    )
+    parser.add_argument(
+        "--scenario", action="append", choices=["throughput", "latency", "drop"], default=[]
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--latency-requests", type=int, default=8)
+    parser.add_argument("--drop-streams", type=int, default=16)
+    parser.add_argument("--drop-tokens", type=int, default=1000)
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -251,27 +381,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for baselines")
     parser.add_argument("--out", default="bench-results/serving.json")
     args = parser.parse_args(argv)
+    scenarios = args.scenario or ["throughput"]
 
     work = make_workload(
         args.requests, min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.seed
     )
     results: dict[str, dict] = {}
-    errors: dict[str, list] = {}
-    for url in args.url:
-        results[url], errors[url] = asyncio.run(run_server(url, args.model, work, args.clients))
+    records: dict[str, list[RequestRecord]] = {}
+    drops: dict[str, dict] = {}
+    for target in map(Target.parse, args.url):
+        if "throughput" in scenarios:
+            name = f"{target.name} ({args.clients} clients)"
+            results[name], records[name] = asyncio.run(run_clients(target, work, args.clients))
+        if "latency" in scenarios:
+            name = f"{target.name} (1 client)"
+            subset = work[: args.latency_requests]
+            results[name], records[name] = asyncio.run(run_clients(target, subset, 1))
+        if "drop" in scenarios:
+            drops[target.name] = asyncio.run(
+                run_drop(target, work[0], streams=args.drop_streams, tokens=args.drop_tokens)
+            )
     if args.baselines:
-        results.update(run_baselines(args.baselines, work, args.clients, args.threads))
-    print_table(results)
-    for url, errs in errors.items():
+        for name, (summary, recs) in run_baselines(
+            args.baselines, work, args.clients, args.threads
+        ).items():
+            results[name], records[name] = summary, recs
+    print(table(results))
+    ratios = {}
+    if "sequential_generate" in records:
+        local = records["sequential_generate"]
+        for name in [n for n in records if n.endswith("(1 client)")]:
+            ratios[name] = latency_ratio(records[name], local)
+            print(f"{name}: latency / in-process generate = {_fmt(ratios[name]['ratio'])}")
+    for name, drop in drops.items():
+        print(f"{name}: after {drop['streams']} dropped streams, latency x{_fmt(drop['ratio'])}")
+    errors = {n: [r.error for r in recs if r.error][:5] for n, recs in records.items()}
+    for name, errs in errors.items():
         for err in errs:
-            print(f"error from {url}: {err}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"error in {name}: {err}")
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    out.write_text(
-        json.dumps(
-            {"config": config, "workload": [asdict(w) for w in work], "results": results}, indent=2
-        )
+    out = write_json(
+        args.out,
+        {
+            "config": config,
+            "workload": [asdict(w) for w in work],
+            "results": results,
+            "latency_vs_generate": ratios,
+            "drop": drops,
+        },
     )
     print(f"wrote {out}")
     return 0

@@ -70,9 +70,9 @@ def native_support(config: Any) -> str | None:
     if model_type not in NATIVE_MODEL_TYPES:
         return f"model_type {model_type!r} has no native path"
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        if window < getattr(config, "max_position_embeddings", 0):
-            return "sliding-window attention"
+    sliding = window and getattr(config, "use_sliding_window", True)
+    if sliding and window < getattr(config, "max_position_embeddings", 0):
+        return "sliding-window attention"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) in _UNSUPPORTED_ROPE:
         return f"rope type {rope.get('rope_type')!r}"
@@ -81,6 +81,11 @@ def native_support(config: Any) -> str | None:
     ):
         return "layers other than full attention"
     return None
+
+
+def _doubled(have: int, need: int, limit: int) -> int:
+    """``have`` if it is enough, else at least double it (never past ``limit``)."""
+    return have if need <= have else min(limit, max(need, 2 * have))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -126,10 +131,8 @@ class SlotLlama:
         have_slots, have_cap = self._cache.shape[2], self._cache.shape[4]
         if slots <= have_slots and capacity <= have_cap:
             return
-        new_slots = min(self.max_slots, max(slots, 2 * have_slots if slots > have_slots else 0))
-        new_slots = max(new_slots, have_slots)
-        new_cap = min(self.context_length, max(capacity, 2 * have_cap if capacity > have_cap else 0))
-        new_cap = max(new_cap, have_cap)
+        new_slots = _doubled(have_slots, slots, self.max_slots)
+        new_cap = _doubled(have_cap, capacity, self.context_length)
         grown = self._alloc(new_slots, new_cap)
         grown[:, :, :have_slots, :, :have_cap] = self._cache
         self._cache = grown
@@ -240,7 +243,10 @@ class SlotLlama:
                     ki, vi = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
                     mask, causal = None, True
                 else:
-                    ki, vi = keys[w.slot : w.slot + 1, :, :end], values[w.slot : w.slot + 1, :, :end]
+                    ki, vi = (
+                        keys[w.slot : w.slot + 1, :, :end],
+                        values[w.slot : w.slot + 1, :, :end],
+                    )
                     key_pos = torch.arange(end, device=dev)[None, :]
                     query_pos = torch.arange(w.position, end, device=dev)[:, None]
                     mask, causal = key_pos <= query_pos, False

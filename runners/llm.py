@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bentoml
 
-from logic.protocol import GenerationChunk, SamplingParams
+from logic.protocol import SamplingParams
 from logic.settings import get_settings
 
 if TYPE_CHECKING:
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
-
-
-class RunnerGenerationError(RuntimeError):
-    """The runner reported a failure inside its stream."""
 
 
 def create_engine(model_path: str | Path) -> GenerationEngine:
@@ -45,24 +41,6 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
     )
-
-
-async def read_chunks(
-    stream: AsyncIterator[str | bytes],
-) -> AsyncIterator[GenerationChunk]:
-    """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
-    buffer = ""
-    async with contextlib.aclosing(stream):  # type: ignore[type-var]
-        async for piece in stream:
-            buffer += piece.decode() if isinstance(piece, bytes) else piece
-            *lines, buffer = buffer.split("\n")
-            for line in lines:
-                if not line:
-                    continue
-                data = json.loads(line)
-                if "error" in data:
-                    raise RunnerGenerationError(data["error"])
-                yield GenerationChunk.model_validate(data)
 
 
 _resources: dict[str, object] = {"gpu": 1}
@@ -100,8 +78,10 @@ class LLMRunner:
                 seed=seed,
                 stop_token_ids=stop_token_ids or [],
             )
-            async for chunk in self.engine.stream(prompt_ids, params):
-                yield chunk.model_dump_json() + "\n"
+            # aclosing: a client that hangs up ends the engine request now, not at GC time.
+            async with contextlib.aclosing(self.engine.stream(prompt_ids, params)) as chunks:
+                async for chunk in chunks:
+                    yield chunk.model_dump_json() + "\n"
         except (ValueError, RuntimeError) as exc:
             # Headers are gone once a stream starts: report in-band, keep the details here.
             logger.exception("generation failed")

@@ -1,0 +1,91 @@
+"""The API side of the runner hop: stream token ids from a runner over HTTP, and hang up
+when the consumer goes away.
+
+BentoML's dependency proxy can call the runner's ``generate`` API too, but when a stream
+ends early it neither closes nor releases the aiohttp response (bentoml 1.4.39,
+``_bentoml_impl/client/proxy2.py``), so the runner never hears that the client left and
+keeps generating for nobody. This client owns its responses: closing the stream closes
+the connection, the runner's server sees the disconnect at its next token, and the engine
+drops the request at its next step.
+
+No torch here: the API process imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlparse
+
+import aiohttp
+
+from logic.protocol import GenerationChunk, SamplingParams
+
+
+class RunnerGenerationError(RuntimeError):
+    """The runner reported a failure inside its stream."""
+
+
+async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
+    """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
+    buffer = ""
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for piece in stream:
+            buffer += piece.decode() if isinstance(piece, bytes) else piece
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if not line:
+                    continue
+                data = json.loads(line)
+                if "error" in data:
+                    raise RunnerGenerationError(data["error"])
+                yield GenerationChunk.model_validate(data)
+
+
+class RunnerClient:
+    """Streams ``generate`` from a runner at ``url``: ``http(s)://host:port``, ``tcp://host:port``
+    or ``file:///path/to.sock`` (what ``bentoml serve`` hands its services)."""
+
+    def __init__(self, url: str, *, timeout: float):
+        self.url = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _make_session(self) -> aiohttp.ClientSession:
+        parsed = urlparse(self.url)
+        connector: aiohttp.BaseConnector | None = None
+        if parsed.scheme == "file":
+            connector = aiohttp.UnixConnector(path=unquote(parsed.path))
+            base = "http://runner"
+        elif parsed.scheme == "tcp":
+            base = f"http://{parsed.netloc}"
+        else:
+            base = self.url.rstrip("/")
+        return aiohttp.ClientSession(base_url=base, connector=connector, timeout=self._timeout)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._make_session()  # inside the worker's event loop
+        return self._session
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        payload = {"prompt_ids": prompt_ids, **params.model_dump()}
+        response = await self.session.post("/generate", json=payload)
+        try:
+            if response.status >= 400:
+                detail = (await response.text())[:200]
+                raise aiohttp.ClientResponseError(
+                    response.request_info, (), status=response.status, message=detail
+                )
+            async for chunk in read_chunks(response.content.iter_any()):
+                yield chunk
+        finally:
+            response.close()  # unread body: drop the connection, so the runner hears it
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
