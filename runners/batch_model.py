@@ -200,16 +200,6 @@ class SlotLlama:
             return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
         return module(x)
 
-    def _decode_attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor
-    ) -> torch.Tensor:
-        """One query token per row, the group of query heads sharing a KV head as the query
-        axis: ``q [rows, kv, group, d]`` over ``keys/values [rows, kv, span, d]``. Plain
-        matmuls; at these sizes they beat the fused CPU kernel's set-up cost."""
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale
-        scores.masked_fill_(masked, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-
     @torch.inference_mode()
     def forward(self, work: list[Work]) -> torch.Tensor:
         dev = self.device
@@ -243,7 +233,7 @@ class SlotLlama:
             rows = max(work[i].slot for i in decode) + 1
             lengths = torch.ones(rows, dtype=torch.long, device=dev)  # idle rows see position 0
             lengths[dec_slots] = torch.tensor([work[i].position + 1 for i in decode], device=dev)
-            dec_mask = (torch.arange(span, device=dev)[None, :] >= lengths[:, None])[:, None, None]
+            dec_mask = (torch.arange(span, device=dev)[None, :] < lengths[:, None])[:, None, None]
             dense = rows == len(decode) and decode == sorted(decode, key=lambda i: work[i].slot)
 
         x = self.model.model.embed_tokens(flat_ids)
@@ -273,8 +263,12 @@ class SlotLlama:
                     padded = q_dec.new_zeros(rows, self.kv_heads, self.group, self.head_dim)
                     padded[dec_slots] = q_dec
                     q_dec = padded
-                o = self._decode_attention(
-                    q_dec, keys[:rows, :, :span], values[:rows, :, :span], dec_mask
+                o = F.scaled_dot_product_attention(
+                    q_dec,
+                    keys[:rows, :, :span],
+                    values[:rows, :, :span],
+                    attn_mask=dec_mask,
+                    scale=self.scale,
                 )
                 if not dense:
                     o = o[dec_slots]

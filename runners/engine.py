@@ -77,6 +77,11 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
+    for request, item in items:
+        request.queue.put_nowait(item)
+
+
 class EngineClosedError(RuntimeError):
     """The engine shut down while the request was waiting or running."""
 
@@ -153,6 +158,7 @@ class GenerationEngine:
         self._running: list[_Request] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(
@@ -337,6 +343,7 @@ class GenerationEngine:
                     self._advance(members, work, logits)
                 except Exception as exc:  # a failed step fails its requests, not the engine
                     logger.exception("generation step failed for %d requests", len(members))
+                    self._outbox.clear()
                     for request in members:
                         self._finish(request, cancelled=False)
                         request.deliver(RuntimeError(f"generation step failed: {exc!r}"))
@@ -412,6 +419,18 @@ class GenerationEngine:
             sampled = [(r, next(picks) if t < 0 else t) for r, t in sampled]
         for request, token in sampled:
             self._emit(request, token)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's tokens over: one wake-up per event loop, not one per token, so the
+        serving thread interrupts the model's compute threads once per step."""
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: its consumers are gone
+                for request, _ in items:
+                    request.cancelled = True
+        self._outbox.clear()
 
     def _emit(self, request: _Request, token: int) -> None:
         request.produced += 1
@@ -426,7 +445,9 @@ class GenerationEngine:
         request.next_token = token
         if finish is not None:  # out of the batch before the consumer hears it is done
             self._finish(request, cancelled=False)
-        request.deliver(GenerationChunk(token_ids=[token], finish_reason=finish))
+        self._outbox.setdefault(request.loop, []).append(
+            (request, GenerationChunk(token_ids=[token], finish_reason=finish))
+        )
 
     def _finish(self, request: _Request, *, cancelled: bool) -> None:
         """Take the request out of the batch and give its slot back."""

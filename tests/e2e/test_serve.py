@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -160,3 +161,63 @@ def test_torch_is_loaded_only_where_the_model_runs(server, client):
     else:  # monolith: one process holds both the API and the model
         (worker,) = _workers(root, "Monolith")
         assert _has_torch(worker)
+
+
+PROMPTS = [
+    ("Name three primary colors.", 24),
+    ("Write a short poem about the sea.", 48),
+    ("What is 12 times 12?", 16),
+    ("Explain photosynthesis in two sentences.", 40),
+]
+
+
+def _greedy(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[str, int]:
+    completion = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    return completion.choices[0].message.content, completion.usage.completion_tokens
+
+
+def test_greedy_answers_are_the_same_alone_and_batched_together(client):
+    alone = [_greedy(client, prompt, n) for prompt, n in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: _greedy(client, *p), PROMPTS))
+    assert together == alone
+
+
+def _model_process(root: psutil.Process) -> psutil.Process:
+    (process,) = _workers(root, "LLMRunner") or _workers(root, "Monolith")
+    return process
+
+
+def test_dropped_streams_stop_using_the_model(server, client):
+    """Clients that hang up mid-answer must not leave the model generating for nobody."""
+    _, root = server
+    model = _model_process(root)
+    streams = []
+    for i in range(4):
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": f"Tell me a very long story, number {i}."}],
+            temperature=0,
+            max_tokens=2000,
+            stream=True,
+        )
+        next(c for c in stream if c.choices and c.choices[0].delta.content)
+        streams.append(stream)
+    busy = model.cpu_times()
+    time.sleep(1.0)
+    busy_cpu = sum(model.cpu_times()[:2]) - sum(busy[:2])
+    for stream in streams:
+        stream.close()
+    time.sleep(1.0)  # the runner notices at its next token; the engine drops them next step
+    before = model.cpu_times()
+    time.sleep(2.0)
+    idle_cpu = sum(model.cpu_times()[:2]) - sum(before[:2])
+    assert busy_cpu > 0.5  # generating for 4 streams keeps the model process busy...
+    assert idle_cpu < 0.25 * 2.0 * busy_cpu  # ...and it goes quiet once they are gone
+    answer, _ = _greedy(client, "What is the capital of France?", 16)
+    assert "Paris" in answer
