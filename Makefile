@@ -13,7 +13,7 @@ export BENTOML_DO_NOT_TRACK := true
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve serve-monolith test lint format build
+.PHONY: install model serve serve-monolith test lint format build bench
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,15 @@ format: $(STAMP)
 
 build: model
 	$(VENV)/bin/bentoml build
+
+# The engine benchmark: ours vs `transformers serve` vs in-process generate, targets checked.
+# Its peer needs transformers' serving extra; torch stays at TORCH_SPEC.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH_SPEC)"
+	@touch $@
+
+bench: model $(BENCH_STAMP)
+	$(PY) -m bench.suite $(BENCH_ARGS)

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="Most tokens in one step, decode plus prefill chunks "
         "(default: 512 on cpu, 8192 on cuda).",
     )
+    cpu_packed_weights: bool = Field(
+        True,
+        description="On CPU (fp32), keep a oneDNN-packed copy of the weights: faster batched "
+        "decode, one more copy of the weights in memory.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -205,6 +205,7 @@ class GenerationEngine:
         backend: str = "auto",
         max_batch_size: int | None = None,
         max_batch_tokens: int | None = None,
+        packed_weights: bool = True,
     ) -> GenerationEngine:
         if threads:
             torch.set_num_threads(threads)
@@ -218,7 +219,11 @@ class GenerationEngine:
             model.to(dev).eval()
             context = int(getattr(model.config, "max_position_embeddings", 2048))
             return build_batch_model(
-                model, backend=backend, max_slots=batch, context_length=context
+                model,
+                backend=backend,
+                max_slots=batch,
+                context_length=context,
+                packed_weights=packed_weights,
             )
 
         engine = cls(

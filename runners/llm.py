@@ -40,6 +40,7 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
         backend=settings.engine,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
+        packed_weights=settings.cpu_packed_weights,
     )
 
 

@@ -22,6 +22,11 @@ ARCHITECTURES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # q/k/v biases
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+    "llama-with-biases": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {"attention_bias": True, "mlp_bias": True},
+    ),
 }
 
 
@@ -29,10 +34,9 @@ def build(name: str):
     config_cls, model_cls, extra = ARCHITECTURES[name]
     torch.manual_seed(0)
     model = model_cls(config_cls(**SMALL, **extra)).eval()
-    if name == "qwen2":  # random biases, so a path that ignores them would show
-        for layer in model.model.layers:
-            torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
-            torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=0.5)
+    for module in model.modules():  # random biases, so a path that ignores them would show
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
     return model
 
 
@@ -41,11 +45,13 @@ def last_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_mixed_steps_match_the_reference_forward(name):
+def test_mixed_steps_match_the_reference_forward(name, packed):
     model = build(name)
     assert native_support(model.config) is None
-    native = SlotLlama(model, max_slots=8, context_length=128)
+    native = SlotLlama(model, max_slots=8, context_length=128, packed_weights=packed)
+    assert bool(native._packed) == packed  # CPU fp32: the packed path is really taken
     a, b, c = [3, 4, 5, 6, 7], list(range(10, 40)), [50, 51, 52, 53, 54, 55, 56, 57]
     # Step 1: two prompts at once, in slots 0 and 3 (a hole between them).
     out = native.forward([Work(0, a, 0), Work(3, b, 0)])
