@@ -13,7 +13,6 @@ No torch here: the API process imports this module.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlparse
@@ -30,7 +29,7 @@ class RunnerGenerationError(RuntimeError):
 async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
     """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
     buffer = ""
-    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+    try:
         async for piece in stream:
             buffer += piece.decode() if isinstance(piece, bytes) else piece
             *lines, buffer = buffer.split("\n")
@@ -41,6 +40,10 @@ async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[Gener
                 if "error" in data:
                     raise RunnerGenerationError(data["error"])
                 yield GenerationChunk.model_validate(data)
+    finally:  # an async generator source is closed now, not whenever it is collected
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class RunnerClient:

@@ -1,0 +1,112 @@
+"""The API's runner client against a stand-in runner: NDJSON parsing, errors, and hanging up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from logic.protocol import SamplingParams
+from runners.client import RunnerClient, RunnerGenerationError
+
+PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
+
+
+class FakeRunner:
+    """Streams one token per 10 ms as NDJSON lines split mid-line; records hang-ups."""
+
+    def __init__(self, tokens: int, error_after: int | None = None):
+        self.tokens, self.error_after = tokens, error_after
+        self.received: list[dict] = []
+        self.hung_up = asyncio.Event()
+        self.sent = 0
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.received.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        try:
+            for i in range(self.tokens):
+                if i == self.error_after:
+                    await response.write(b'{"error": "generation failed: RuntimeError"}\n')
+                    break
+                last = i == self.tokens - 1
+                line = json.dumps({"token_ids": [i], "finish_reason": "length" if last else None})
+                half = len(line) // 2  # a transport may split anywhere
+                await response.write(line[:half].encode())
+                await response.write((line[half:] + "\n").encode())
+                self.sent += 1
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.hung_up.set()
+            raise
+        return response
+
+
+async def serve(fake: FakeRunner, path: Path) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_post("/generate", fake.generate)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    return runner
+
+
+@pytest.fixture
+def socket_path(tmp_path_factory) -> Path:
+    return Path(tmp_path_factory.mktemp("sock")) / "runner.sock"  # short: AF_UNIX limit
+
+
+def test_streams_chunks_over_a_unix_socket(socket_path):
+    async def run():
+        fake = FakeRunner(tokens=5)
+        server = await serve(fake, socket_path)
+        client = RunnerClient(f"file://{socket_path}", timeout=30)
+        try:
+            chunks = [c async for c in client.generate([1, 2, 3], PARAMS)]
+        finally:
+            await client.close()
+            await server.cleanup()
+        return fake, chunks
+
+    fake, chunks = asyncio.run(run())
+    assert [c.token_ids[0] for c in chunks] == [0, 1, 2, 3, 4]
+    assert chunks[-1].finish_reason == "length"
+    assert fake.received[0]["prompt_ids"] == [1, 2, 3]
+    assert fake.received[0]["max_new_tokens"] == 5
+
+
+def test_an_error_line_raises(socket_path):
+    async def run():
+        server = await serve(FakeRunner(tokens=5, error_after=2), socket_path)
+        client = RunnerClient(f"file://{socket_path}", timeout=30)
+        try:
+            with pytest.raises(RunnerGenerationError, match="generation failed"):
+                async for _ in client.generate([1], PARAMS):
+                    pass
+        finally:
+            await client.close()
+            await server.cleanup()
+
+    asyncio.run(run())
+
+
+def test_closing_the_stream_hangs_up_on_the_runner(socket_path):
+    async def run():
+        fake = FakeRunner(tokens=1000)
+        server = await serve(fake, socket_path)
+        client = RunnerClient(f"file://{socket_path}", timeout=30)
+        try:
+            stream = client.generate([1], PARAMS)
+            await anext(stream)
+            await stream.aclose()
+            await asyncio.wait_for(fake.hung_up.wait(), timeout=5)
+        finally:
+            await client.close()
+            await server.cleanup()
+        return fake.sent
+
+    assert asyncio.run(run()) < 100  # the runner stopped long before its 1,000 tokens
