@@ -377,7 +377,10 @@ class SequentialHF:
                 self._caches.pop(w.slot, None)
             ids = torch.tensor([w.token_ids], device=self.device)
             out = self.model(
-                input_ids=ids, past_key_values=self._caches.get(w.slot), use_cache=True
+                input_ids=ids,
+                past_key_values=self._caches.get(w.slot),
+                use_cache=True,
+                logits_to_keep=1,  # a prompt chunk needs the last position's logits only
             )
             self._caches[w.slot] = out.past_key_values
             if w.want_logits:

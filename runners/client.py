@@ -28,11 +28,12 @@ class RunnerGenerationError(RuntimeError):
 
 async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
     """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
-    buffer = ""
+    buffer = b""
     try:
         async for piece in stream:
-            buffer += piece.decode() if isinstance(piece, bytes) else piece
-            *lines, buffer = buffer.split("\n")
+            # Split on newlines before decoding: a chunk border may cut a UTF-8 character.
+            buffer += piece if isinstance(piece, bytes) else piece.encode()
+            *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 if not line:
                     continue
@@ -52,14 +53,17 @@ class RunnerClient:
 
     def __init__(self, url: str, *, timeout: float):
         self.url = url
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        # No limit on a whole stream (a long answer is not a failure); ``timeout`` bounds the
+        # wait for each next piece, queueing in the runner included.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def _make_session(self) -> aiohttp.ClientSession:
         parsed = urlparse(self.url)
-        connector: aiohttp.BaseConnector | None = None
+        # limit=0: every open stream holds a connection, and the runner batches them all.
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector(limit=0)
         if parsed.scheme == "file":
-            connector = aiohttp.UnixConnector(path=unquote(parsed.path))
+            connector = aiohttp.UnixConnector(path=unquote(parsed.path), limit=0)
             base = "http://runner"
         elif parsed.scheme == "tcp":
             base = f"http://{parsed.netloc}"

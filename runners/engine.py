@@ -21,6 +21,7 @@ scheduler drops it before the next step and its slot is free for the next reques
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import logging
@@ -166,6 +167,9 @@ class GenerationEngine:
             name="llm-engine", daemon=True,
         )  # fmt: skip
         self._thread.start()
+        # Stop the thread before the interpreter tears down: a daemon thread still inside
+        # torch at exit aborts the process ("terminate called without an active exception").
+        atexit.register(self.close)
         self._ready.wait()
         if self._load_error is not None:
             raise self._load_error
@@ -276,8 +280,6 @@ class GenerationEngine:
         When the consumer falls behind, the tokens waiting for it are sent as one chunk.
         """
         self.validate(prompt_ids)
-        if self._closed:
-            raise EngineClosedError("the engine is shut down")
         request = self._make_request(prompt_ids, params)
         self._submit(request)
         try:
@@ -303,6 +305,8 @@ class GenerationEngine:
 
     def _submit(self, request: _Request) -> None:
         with self._wake:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
             self._pending.append(request)
             self._wake.notify()
 
@@ -328,33 +332,68 @@ class GenerationEngine:
     # -- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    if not self._closed and not self._has_work():
-                        self.batch_model.trim()  # idle: give the KV cache memory back
-                    while not self._closed and not self._has_work():
-                        self._wake.wait()
-                    if self._closed:
-                        break
-                    self._waiting.extend(self._pending)
-                    self._pending.clear()
-                self._drop_cancelled()
-                work, members = self._schedule()
-                if not work:
-                    continue
-                try:
-                    logits = self.batch_model.forward(work)
-                    self._advance(members, work, logits)
-                except Exception as exc:  # a failed step fails its requests, not the engine
-                    logger.exception("generation step failed for %d requests", len(members))
-                    self._outbox.clear()
-                    for request in members:
-                        self._finish(request, cancelled=False)
-                        request.deliver(RuntimeError(f"generation step failed: {exc!r}"))
-        for request in [*self._running, *self._waiting, *self._pending]:
-            request.deliver(EngineClosedError("the engine is shut down"))
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except BaseException:  # noqa: BLE001 - a scheduler bug must not leave streams hanging
+            logger.exception("the engine's scheduler stopped")
+        finally:
+            with self._wake:
+                self._closed = True
+                leftovers = [*self._running, *self._waiting, *self._pending]
+                self._pending.clear()
+            self._outbox.clear()
+            for request in leftovers:
+                self._finish(request, cancelled=False)
+                request.deliver(EngineClosedError("the engine is shut down"))
+
+    def _iterate(self) -> bool:
+        """One scheduling round; False once the engine is closed."""
+        with self._wake:
+            if not self._closed and not self._has_work():
+                self._idle()
+            while not self._closed and not self._has_work():
+                self._wake.wait()
+            if self._closed:
+                return False
+            self._waiting.extend(self._pending)
+            self._pending.clear()
+        self._drop_cancelled()
+        work, members = self._schedule()
+        if not work:
+            return True
+        try:
+            logits = self.batch_model.forward(work)
+        except Exception as exc:  # a failed step fails requests, not the engine
+            self._step_failed(members, work, exc)
+            return True
+        self._advance(members, work, logits)
+        return True
+
+    def _idle(self) -> None:
+        """Nothing to run: give the KV cache memory back."""
+        self.batch_model.trim()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _step_failed(self, members: list[_Request], work: list[Work], exc: Exception) -> None:
+        """Fail the requests a failed step can be blamed on.
+
+        A step that admitted prompt tokens most likely failed on them (a long prompt that
+        needs more cache than there is memory for), so only those requests fail and the
+        decodes run again next step: rewriting the same positions is harmless, and nothing
+        advanced. A decode-only step that fails fails all its requests.
+        """
+        prefills = [r for r, w in zip(members, work, strict=True) if len(w.token_ids) > 1]
+        blamed = prefills or members
+        logger.error(
+            "generation step failed (%r); failing %d of %d requests", exc, len(blamed), len(members)
+        )
+        self._outbox.clear()
+        for request in blamed:
             self._finish(request, cancelled=False)
+            request.deliver(RuntimeError(f"generation step failed: {type(exc).__name__}"))
 
     def _has_work(self) -> bool:
         return bool(self._pending or self._waiting or self._running)
@@ -416,8 +455,14 @@ class GenerationEngine:
                 greedy_rows.append(row)
                 sampled.append((request, -1))
             else:
-                token = sample_token(logits[row], request.params, request.generator)
-                sampled.append((request, token))
+                try:
+                    token = sample_token(logits[row], request.params, request.generator)
+                except RuntimeError as exc:  # e.g. non-finite logits: this request only
+                    logger.error("sampling failed: %r", exc)
+                    self._finish(request, cancelled=False)
+                    request.deliver(RuntimeError(f"sampling failed: {type(exc).__name__}"))
+                else:
+                    sampled.append((request, token))
             row += 1
         if greedy_rows:  # one argmax and one device sync for all greedy rows
             picks = iter(logits[greedy_rows].argmax(dim=-1).tolist())

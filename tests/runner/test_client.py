@@ -110,3 +110,21 @@ def test_closing_the_stream_hangs_up_on_the_runner(socket_path):
         return fake.sent
 
     assert asyncio.run(run()) < 100  # the runner stopped long before its 1,000 tokens
+
+
+def test_lines_split_inside_a_multibyte_character_are_read_whole():
+    from runners.client import read_chunks
+
+    line = '{"error": "caf\u00e9 failed"}\n'.encode()
+    cut = line.index(b"\xa9")  # the second byte of the two-byte character
+
+    async def pieces():
+        yield line[:cut]
+        yield line[cut:]
+
+    async def run():
+        async for _ in read_chunks(pieces()):
+            pass
+
+    with pytest.raises(RunnerGenerationError, match="caf\u00e9 failed"):
+        asyncio.run(run())

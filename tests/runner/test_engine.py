@@ -253,3 +253,42 @@ def test_top_p_keeps_only_the_head_of_the_distribution():
     assert picks == {0}
     wide = SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1.0)
     assert {sample_token(logits, wide, generator) for _ in range(200)} == {0, 1}
+
+
+def test_a_failing_prefill_fails_only_the_new_request(engine, monkeypatch):
+    real = engine.batch_model.forward
+    expected, _ = generate(engine, PROMPT, max_new_tokens=30, temperature=0.0)
+
+    def refuse_long_prompts(work):
+        if any(len(w.token_ids) > 20 for w in work):
+            raise RuntimeError("out of memory")
+        return real(work)
+
+    monkeypatch.setattr(engine.batch_model, "forward", refuse_long_prompts)
+
+    async def run():
+        running = asyncio.create_task(collect(engine, PROMPT, greedy(30)))
+        await wait_until(lambda: engine.stats.decode_tokens > 0 and engine.running == 1)
+        with pytest.raises(RuntimeError, match="generation step failed"):
+            await collect(engine, list(range(100, 150)), greedy(5))
+        return await running
+
+    ids, finish = asyncio.run(run())
+    assert ids == expected and finish == "length"  # the running request never noticed
+
+
+def test_a_scheduler_crash_fails_streams_instead_of_hanging(tiny_model_dir, monkeypatch):
+    crashing = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32")
+
+    def broken_schedule():
+        raise KeyError("a scheduler bug")
+
+    async def run():
+        monkeypatch.setattr(crashing, "_schedule", broken_schedule)
+        with pytest.raises(EngineClosedError):
+            await asyncio.wait_for(collect(crashing, PROMPT, greedy(5)), timeout=5)
+        with pytest.raises(EngineClosedError):  # and later requests are refused at once
+            await collect(crashing, PROMPT, greedy(5))
+
+    asyncio.run(run())
+    crashing.close()
