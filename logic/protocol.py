@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 # ---------------------------------------------------------------- token-level contract
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
 class SamplingParams(BaseModel):
     """What the business logic asks of the runner, besides the prompt's token ids."""
 
@@ -23,17 +26,37 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
+    # OpenAI's penalties: logit -= presence * [token generated] + frequency * its count,
+    # over the tokens this request has generated so far (not the prompt).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # Log-probabilities of each chosen token (after penalties and temperature, before top-p),
+    # and of the ``top_logprobs`` most likely alternatives.
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 FinishReason = Literal["stop", "length"]
 MAX_STOP_LENGTH = 512  # characters per stop string: matching cost grows with it
 
 
+class TokenLogprob(BaseModel):
+    """A generated token's log-probability, and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)  # (token id, logprob), best first
+
+
 class GenerationChunk(BaseModel):
-    """One step of a runner's stream: new token ids, and why it ended on the last one."""
+    """One step of a runner's stream: new token ids, and why it ended on the last one.
+
+    ``logprobs`` has one entry per token id when the request asked for them, else None.
+    """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 # ---------------------------------------------------------------- chat completions request
