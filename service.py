@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import inspect
 import json
 import logging
@@ -25,15 +26,20 @@ import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from logic.chat import ChatCompletionService, TokenGenerator
 from logic.errors import (
     APIError,
+    AuthenticationError,
     InternalServerError,
     InvalidRequestError,
+    RateLimitError,
+    RequestTooLargeError,
     RunnerUnavailableError,
     from_validation_error,
 )
@@ -74,9 +80,24 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     return _error_response(InternalServerError())
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with a 413 as soon as it is over the limit (declared or streamed)."""
+    limit = settings.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise RequestTooLargeError(limit)
+    return bytes(body)
+
+
 async def _read_request(request: Request) -> ChatCompletionRequest:
+    raw = await _read_body(request)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
         # Lone surrogates ("\ud800") parse but cannot be tokenized or echoed back.
         json.dumps(body, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeError, huge ints
@@ -153,6 +174,39 @@ async def unknown_route(request: Request) -> Response:
     )
 
 
+class Gate:
+    """ASGI middleware in front of the routes: the API key (401) and this worker's limit on
+    requests in flight (429; a stream counts until its last byte)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error: APIError | None = None
+        if settings.api_key and not _authorized(scope, settings.api_key):
+            error = AuthenticationError()
+        elif self.in_flight >= settings.max_concurrent_requests:
+            error = RateLimitError(settings.max_concurrent_requests)
+        if error is not None:
+            headers = {"Retry-After": "1"} if error.status_code == 429 else None
+            response = JSONResponse(error.to_body(), error.status_code, headers=headers)
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _authorized(scope: Scope, key: str) -> bool:
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+
+
 def create_openai_app() -> Starlette:
     """The ``/v1`` routes; ``app.state.chat`` is set by the service that mounts it."""
     return Starlette(
@@ -162,6 +216,7 @@ def create_openai_app() -> Starlette:
             HTTPException: _handle_http_exception,
             Exception: _handle_unexpected,
         },
+        middleware=[Middleware(Gate)],
     )
 
 

@@ -11,10 +11,12 @@ in the monolith, a fake in tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from logic.cleanup import OutputCleaner
 from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
@@ -27,12 +29,16 @@ from logic.protocol import (
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     DeltaMessage,
     FinishReason,
     GenerationChunk,
     ModelCard,
     ModelList,
     SamplingParams,
+    TokenLogprob,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
     new_completion_id,
 )
@@ -40,6 +46,7 @@ from logic.settings import Settings
 from logic.stops import StopStringMatcher
 from logic.tokenizer import IncrementalDetokenizer
 
+logger = logging.getLogger(__name__)
 TokenGenerator = Callable[[list[int], SamplingParams], AsyncIterator[GenerationChunk]]
 
 
@@ -50,23 +57,34 @@ class PreparedPrompt:
     prompt_ids: list[int]
     params: SamplingParams
     stop_strings: list[str]
+    n: int = 1
+
+    def params_for(self, index: int) -> SamplingParams:
+        """Choice ``index``'s parameters: a seeded request gives each choice its own seed."""
+        if index == 0 or self.params.seed is None:
+            return self.params
+        return self.params.model_copy(update={"seed": (self.params.seed + index) % 2**64})
 
 
 @dataclass
-class _Progress:
-    """What one generation has produced so far."""
+class _Choice:
+    """What one choice has produced so far."""
 
-    prompt_tokens: int
+    index: int
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobEntry] = field(default_factory=list)
 
-    @property
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-        )
+
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> Usage:
+    """The prompt counts once, every choice's tokens count."""
+    completion = sum(c.completion_tokens for c in choices)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+    )
 
 
 class ChatCompletionService:
@@ -99,6 +117,14 @@ class ChatCompletionService:
         """Everything before the runner; raises a 4xx :class:`APIError` on bad input."""
         if request.model is not None and request.model != self.model_name:
             raise ModelNotFoundError(request.model)
+        if request.top_logprobs and not request.logprobs:
+            raise InvalidRequestError(
+                "'top_logprobs' requires 'logprobs' to be true.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        if request.user:
+            logger.info("request for user %r", request.user)
         messages = apply_prompt_policy(
             request.messages,
             default_system_prompt=self._settings.effective_system_prompt,
@@ -111,10 +137,14 @@ class ChatCompletionService:
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
             stop_token_ids=self._files.stop_token_ids,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs or 0,
         )
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers
-        return PreparedPrompt(prompt_ids=prompt_ids, params=params, stop_strings=stops)
+        return PreparedPrompt(prompt_ids=prompt_ids, params=params, stop_strings=stops, n=request.n)
 
     def _completion_budget(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         window = self._files.context_length
@@ -143,87 +173,155 @@ class ChatCompletionService:
 
     # ------------------------------------------------------------ generation and post-processing
 
-    async def _text_deltas(
-        self, prepared: PreparedPrompt, progress: _Progress
-    ) -> AsyncIterator[str]:
-        """Cleaned text, one piece per runner chunk (maybe empty); fills ``progress``."""
+    def _logprob_entry(self, logprob: TokenLogprob) -> TokenLogprobEntry:
+        def describe(token_id: int) -> tuple[str, list[int]]:
+            raw = self._files.tokenizer.token_bytes(token_id)
+            return raw.decode("utf-8", errors="replace"), list(raw)
+
+        token, raw = describe(logprob.token_id)
+        top = []
+        for token_id, value in logprob.top:
+            text, raw_top = describe(token_id)
+            top.append(TopLogprob(token=text, logprob=value, bytes=raw_top))
+        return TokenLogprobEntry(token=token, logprob=logprob.logprob, bytes=raw, top_logprobs=top)
+
+    async def _pieces(
+        self, prepared: PreparedPrompt, choice: _Choice
+    ) -> AsyncIterator[tuple[str, list[TokenLogprobEntry]]]:
+        """Cleaned text and the logprobs of its tokens, one piece per runner chunk (the text
+        may be empty); fills ``choice``."""
         detokenizer = IncrementalDetokenizer(self._files.tokenizer)
         stops = StopStringMatcher(prepared.stop_strings)
         cleaner = OutputCleaner()
-        stop_ids = set(prepared.params.stop_token_ids)
+        params = prepared.params_for(choice.index)
+        stop_ids = set(params.stop_token_ids)
 
         # aclosing: leaving early (a stop string) closes the runner stream, which cancels it.
-        stream = self._generate(prepared.prompt_ids, prepared.params)
+        stream = self._generate(prepared.prompt_ids, params)
         async with contextlib.aclosing(stream):
             async for chunk in stream:
-                progress.completion_tokens += len(chunk.token_ids)
-                ids = chunk.token_ids
+                choice.completion_tokens += len(chunk.token_ids)
+                ids, logprobs = chunk.token_ids, chunk.logprobs or []
                 if chunk.finish_reason == "stop" and ids and ids[-1] in stop_ids:
-                    ids = ids[:-1]  # the stop token is counted, never shown
+                    ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]  # counted, never shown
+                entries = [self._logprob_entry(lp) for lp in logprobs] if params.logprobs else []
                 text = cleaner.push(stops.push(detokenizer.push(ids)))
                 if chunk.finish_reason is not None and not stops.stopped:
                     text += cleaner.push(stops.push(detokenizer.flush()) + stops.flush())
-                    progress.finish_reason = chunk.finish_reason
+                    choice.finish_reason = chunk.finish_reason
                 if stops.stopped:  # a stop string wins, even one completed by the flush
-                    progress.finish_reason = "stop"
-                yield text  # may be empty: callers learn that the runner answered
-                if progress.finish_reason is not None:
+                    choice.finish_reason = "stop"
+                yield text, entries  # text may be empty: callers learn the runner answered
+                if choice.finish_reason is not None:
                     return
         # The runner's stream ended without a finish reason: it died or was cut off.
         raise RunnerUnavailableError("The model runner ended the generation unexpectedly.")
 
+    async def _merged(
+        self, prepared: PreparedPrompt, choices: list[_Choice]
+    ) -> AsyncIterator[tuple[_Choice, str | None, list[TokenLogprobEntry]]]:
+        """Every choice's pieces as they come, each choice generating concurrently (so the
+        runner batches them); ``(choice, None, [])`` when a choice is done. Closing this
+        closes every choice's runner stream."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            try:
+                async with contextlib.aclosing(self._pieces(prepared, choice)) as pieces:
+                    async for text, entries in pieces:
+                        queue.put_nowait((choice, text, entries))
+                queue.put_nowait((choice, None, []))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+        try:
+            remaining = len(choices)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item[1] is None:
+                    remaining -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        """A whole answer."""
+        """A whole answer (``n`` of them)."""
         prepared = self.prepare(request)
-        progress = _Progress(prompt_tokens=len(prepared.prompt_ids))
-        async with contextlib.aclosing(self._text_deltas(prepared, progress)) as deltas:
-            parts = [text async for text in deltas]
-        assert progress.finish_reason is not None
+        choices = [_Choice(index) for index in range(prepared.n)]
+        async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
+            async for choice, text, entries in pieces:
+                if text is not None:
+                    choice.text.append(text)
+                    choice.logprobs += entries
         return ChatCompletionResponse(
             model=self.model_name,
             system_fingerprint=self._fingerprint,
             choices=[
                 ChatCompletionChoice(
-                    message=AssistantMessage(content="".join(parts)),
-                    finish_reason=progress.finish_reason,
+                    index=c.index,
+                    message=AssistantMessage(content="".join(c.text)),
+                    finish_reason=c.finish_reason,
+                    logprobs=ChoiceLogprobs(content=c.logprobs) if request.logprobs else None,
                 )
+                for c in choices
             ],
-            usage=progress.usage,
+            usage=_usage(len(prepared.prompt_ids), choices),
         )
 
     def create_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Validates now (so bad input fails before any byte is sent), then streams chunks."""
         prepared = self.prepare(request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._stream(prepared, include_usage)
+        return self._stream(prepared, include_usage, request.logprobs)
 
     async def _stream(
-        self, prepared: PreparedPrompt, include_usage: bool
+        self, prepared: PreparedPrompt, include_usage: bool, logprobs: bool
     ) -> AsyncIterator[ChatCompletionChunk]:
-        progress = _Progress(prompt_tokens=len(prepared.prompt_ids))
+        choices = [_Choice(index) for index in range(prepared.n)]
         completion_id, created = new_completion_id(), int(time.time())
 
-        def chunk(delta: DeltaMessage, finish: FinishReason | None = None) -> ChatCompletionChunk:
+        def chunk(
+            index: int,
+            delta: DeltaMessage,
+            finish: FinishReason | None = None,
+            entries: list[TokenLogprobEntry] | None = None,
+        ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=completion_id,
                 created=created,
                 model=self.model_name,
                 system_fingerprint=self._fingerprint,
-                choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish)],
+                choices=[
+                    ChatCompletionChunkChoice(
+                        index=index,
+                        delta=delta,
+                        finish_reason=finish,
+                        logprobs=ChoiceLogprobs(content=entries) if entries else None,
+                    )
+                ],
             )
 
-        started = False
+        started: set[int] = set()
         # aclosing: a client that leaves closes this stream, and with it the runner's.
-        async with contextlib.aclosing(self._text_deltas(prepared, progress)) as deltas:
-            async for text in deltas:
-                # The role chunk waits for the runner's first token, so a runner that cannot
+        async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
+            async for choice, text, entries in pieces:
+                if text is None:
+                    yield chunk(choice.index, DeltaMessage(), choice.finish_reason)
+                    continue
+                # A choice's role chunk waits for its first token, so a runner that cannot
                 # answer fails the request before any byte is sent (with a proper status).
-                if not started:
-                    started = True
-                    yield chunk(DeltaMessage(role="assistant", content=""))
-                if text:
-                    yield chunk(DeltaMessage(content=text))
-        yield chunk(DeltaMessage(), progress.finish_reason)
+                if choice.index not in started:
+                    started.add(choice.index)
+                    yield chunk(choice.index, DeltaMessage(role="assistant", content=""))
+                if text or (logprobs and entries):
+                    yield chunk(choice.index, DeltaMessage(content=text), None, entries)
         if include_usage:
             yield ChatCompletionChunk(
                 id=completion_id,
@@ -231,5 +329,5 @@ class ChatCompletionService:
                 model=self.model_name,
                 system_fingerprint=self._fingerprint,
                 choices=[],
-                usage=progress.usage,
+                usage=_usage(len(prepared.prompt_ids), choices),
             )

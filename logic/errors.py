@@ -71,6 +71,51 @@ class RunnerUnavailableError(APIError):
         super().__init__(message, code="runner_unavailable")
 
 
+class AuthenticationError(APIError):
+    """401: the request did not carry the API key the service was configured with."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+        )
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """413: the body is over the service's size limit."""
+
+    status_code = 413
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"The request body is larger than this server accepts ({limit} bytes).",
+            code="request_too_large",
+        )
+
+
+class RateLimitError(APIError):
+    """429: this worker is already serving as many requests as it is allowed to."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"Too many concurrent requests (this worker serves {limit} at a time); retry shortly.",
+            code="rate_limit_exceeded",
+        )
+
+
+class UnprocessableError(InvalidRequestError):
+    """422: the request was valid, but the model's answer cannot satisfy it (for example a
+    ``response_format`` the answer fails)."""
+
+    status_code = 422
+
+
 class InternalServerError(APIError):
     def __init__(self) -> None:
         super().__init__("The server had an error while processing your request.")

@@ -37,6 +37,17 @@ class Settings(BaseSettings):
         512, ge=1, description="Completion budget when a request sets no max_tokens."
     )
 
+    # API gate.
+    api_key: str | None = Field(
+        None, description="When set, requests must send 'Authorization: Bearer <key>' (else 401)."
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (else 413)."
+    )
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Requests one API worker serves at once (more get a 429)."
+    )
+
     # API service resources.
     api_workers: int = Field(2, ge=1, description="API service worker processes.")
     api_timeout: int = Field(300, ge=1, description="API request timeout in seconds.")

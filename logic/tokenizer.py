@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 byte values, inverted (char -> byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
 class TextTokenizer:
@@ -14,6 +32,12 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+        self._byte_level = "ByteLevel" in kinds
+        self._special_ids = {
+            i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
+        }
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
@@ -28,6 +52,22 @@ class TextTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character)."""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._special_ids:
+            return piece.encode()
+        if self._byte_level:
+            alphabet = _byte_level_alphabet()
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+            return piece.encode()
+        if match := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
     @property
     def special_tokens(self) -> list[str]:

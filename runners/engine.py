@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from logic.protocol import FinishReason, GenerationChunk, SamplingParams
+from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,33 @@ class _Request:
     length: int = 0  # tokens in the KV cache
     next_token: int | None = None  # sampled, not yet fed
     produced: int = 0
+    # Presence and frequency penalties, kept as the bias they add to the logits ([vocab],
+    # allocated at the first generated token); None for a request without penalties.
+    penalty: torch.Tensor | None = None
+    seen: set[int] = field(default_factory=set)  # generated token ids, for the presence term
     cancelled: bool = False  # set by the consumer, from its event loop's thread
     finished: bool = False
 
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.prompt_ids)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.params.presence_penalty or self.params.frequency_penalty)
+
+    def penalize(self, token: int, vocab_size: int, device: torch.device) -> None:
+        """Add a generated ``token`` to the penalty bias: ``-(presence * [count > 0] +
+        frequency * count)`` for each token, updated by one element per step."""
+        params = self.params
+        delta = params.frequency_penalty
+        if token not in self.seen:
+            self.seen.add(token)
+            delta += params.presence_penalty
+        if delta:
+            if self.penalty is None:
+                self.penalty = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.penalty[token] -= delta
 
     def deliver(self, item: GenerationChunk | BaseException) -> None:
         """Hand ``item`` to the consumer's loop; a consumer whose loop is gone is cancelled."""
@@ -286,16 +307,19 @@ class GenerationEngine:
             while True:
                 item = await request.queue.get()
                 ids: list[int] = []
+                logprobs: list[TokenLogprob] | None = None
                 finish: FinishReason | None = None
                 while True:
                     if isinstance(item, BaseException):
                         raise item
                     ids += item.token_ids
+                    if item.logprobs is not None:
+                        logprobs = (logprobs or []) + item.logprobs
                     finish = item.finish_reason
                     if finish is not None or request.queue.empty():
                         break
                     item = request.queue.get_nowait()
-                yield GenerationChunk(token_ids=ids, finish_reason=finish)
+                yield GenerationChunk(token_ids=ids, finish_reason=finish, logprobs=logprobs)
                 if finish is not None:
                     return
         finally:
@@ -436,11 +460,15 @@ class GenerationEngine:
         return work, members
 
     def _advance(self, members: list[_Request], work: list[Work], logits: torch.Tensor) -> None:
+        """Account for the step, then choose and emit a token for each row of ``logits``.
+
+        ``logits`` is this step's own tensor: penalties are added to their rows in place.
+        """
         stats = self.stats
         stats.steps += 1
         stats.batch_sizes[len(members)] += 1
         stats.max_running = max(stats.max_running, len(self._running))
-        sampled: list[tuple[_Request, int]] = []
+        sampled: list[tuple[_Request, int, int]] = []  # (request, token or -1, logits row)
         greedy_rows: list[int] = []
         row = 0
         for request, item in zip(members, work, strict=True):
@@ -451,9 +479,11 @@ class GenerationEngine:
                 stats.decode_tokens += 1
             if not item.want_logits:
                 continue
+            if request.penalty is not None:
+                logits[row].add_(request.penalty)
             if request.generator is None:
                 greedy_rows.append(row)
-                sampled.append((request, -1))
+                sampled.append((request, -1, row))
             else:
                 try:
                     token = sample_token(logits[row], request.params, request.generator)
@@ -462,14 +492,49 @@ class GenerationEngine:
                     self._finish(request, cancelled=False)
                     request.deliver(RuntimeError(f"sampling failed: {type(exc).__name__}"))
                 else:
-                    sampled.append((request, token))
+                    sampled.append((request, token, row))
             row += 1
         if greedy_rows:  # one argmax and one device sync for all greedy rows
             picks = iter(logits[greedy_rows].argmax(dim=-1).tolist())
-            sampled = [(r, next(picks) if t < 0 else t) for r, t in sampled]
-        for request, token in sampled:
-            self._emit(request, token)
+            sampled = [(r, next(picks) if t < 0 else t, i) for r, t, i in sampled]
+        logprobs = self._logprobs(sampled, logits)
+        for request, token, _ in sampled:
+            if request.penalized:
+                request.penalize(token, logits.shape[-1], logits.device)
+            self._emit(request, token, logprobs.get(id(request)))
         self._flush()
+
+    def _logprobs(
+        self, sampled: list[tuple[_Request, int, int]], logits: torch.Tensor
+    ) -> dict[int, TokenLogprob]:
+        """The chosen tokens' log-probabilities for the requests that asked, by ``id(request)``.
+
+        Over the penalized logits at the request's temperature (1 for greedy), in one pass and
+        one device sync for all such rows; nothing at all when no request asked.
+        """
+        wanted = [(r, t, i) for r, t, i in sampled if r.params.logprobs]
+        if not wanted:
+            return {}
+        rows = logits[[i for _, _, i in wanted]]
+        temperatures = [1.0 if r.generator is None else r.params.temperature for r, _, _ in wanted]
+        if any(t != 1.0 for t in temperatures):
+            rows = rows / torch.tensor(temperatures, device=rows.device).unsqueeze(1)
+        logp = torch.log_softmax(rows.float(), dim=-1)
+        chosen = torch.tensor([t for _, t, _ in wanted], device=logp.device).unsqueeze(1)
+        k = max(r.params.top_logprobs for r, _, _ in wanted)
+        values, indices = torch.topk(logp, k, dim=-1)  # sorted, best first; k may be 0
+        # One table, one transfer: [chosen logprob, k top logprobs, k top ids] per row (float64
+        # holds float32 values and token ids exactly).
+        parts = [logp.gather(1, chosen), values, indices]
+        table = torch.cat([part.double() for part in parts], dim=1).tolist()
+        result = {}
+        for line, (request, token, _) in zip(table, wanted, strict=True):
+            keep = request.params.top_logprobs
+            top = zip(line[1 + k : 1 + k + keep], line[1 : 1 + keep], strict=True)
+            result[id(request)] = TokenLogprob(
+                token_id=token, logprob=line[0], top=[(int(t), p) for t, p in top]
+            )
+        return result
 
     def _flush(self) -> None:
         """Hand this step's tokens over: one wake-up per event loop, not one per token, so the
@@ -482,7 +547,7 @@ class GenerationEngine:
                     request.cancelled = True
         self._outbox.clear()
 
-    def _emit(self, request: _Request, token: int) -> None:
+    def _emit(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
         request.produced += 1
         finish: FinishReason | None = None
         if token in request.stop_ids:
@@ -496,7 +561,14 @@ class GenerationEngine:
         if finish is not None:  # out of the batch before the consumer hears it is done
             self._finish(request, cancelled=False)
         self._outbox.setdefault(request.loop, []).append(
-            (request, GenerationChunk(token_ids=[token], finish_reason=finish))
+            (
+                request,
+                GenerationChunk(
+                    token_ids=[token],
+                    finish_reason=finish,
+                    logprobs=None if logprob is None else [logprob],
+                ),
+            )
         )
 
     def _finish(self, request: _Request, *, cancelled: bool) -> None:

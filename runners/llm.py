@@ -69,8 +69,16 @@ class LLMRunner:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> AsyncGenerator[str, None]:
-        """Stream generated token ids as NDJSON lines; an ``{"error": ...}`` line on failure."""
+        """Stream generated token ids as NDJSON lines; an ``{"error": ...}`` line on failure.
+
+        Lines leave out empty fields (``finish_reason`` until the last, ``logprobs`` unless
+        asked for): :class:`GenerationChunk` reads them back as None.
+        """
         try:
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
@@ -78,11 +86,15 @@ class LLMRunner:
                 top_p=top_p,
                 seed=seed,
                 stop_token_ids=stop_token_ids or [],
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
             )
             # aclosing: a client that hangs up ends the engine request now, not at GC time.
             async with contextlib.aclosing(self.engine.stream(prompt_ids, params)) as chunks:
                 async for chunk in chunks:
-                    yield chunk.model_dump_json() + "\n"
+                    yield chunk.model_dump_json(exclude_none=True) + "\n"
         except (ValueError, RuntimeError) as exc:
             # Headers are gone once a stream starts: report in-band, keep the details here.
             logger.exception("generation failed")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from logic.protocol import SamplingParams
+from logic.protocol import GenerationChunk, SamplingParams
 from runners.batch_model import SequentialHF, SlotLlama
 from runners.engine import EngineClosedError, GenerationEngine, sample_token
 
@@ -292,3 +292,189 @@ def test_a_scheduler_crash_fails_streams_instead_of_hanging(tiny_model_dir, monk
 
     asyncio.run(run())
     crashing.close()
+
+
+# ---------------------------------------------------------------- penalties and logprobs
+
+
+async def collect_logprobs(engine: GenerationEngine, prompt, params) -> tuple[list[int], list]:
+    """Token ids and their :class:`TokenLogprob` s (None when the request did not ask)."""
+    ids, logprobs = [], []
+    async for chunk in engine.stream(prompt, params):
+        ids += chunk.token_ids
+        if chunk.logprobs is None:
+            logprobs = None
+        else:
+            assert len(chunk.logprobs) == len(chunk.token_ids)
+            logprobs += chunk.logprobs
+    return ids, logprobs
+
+
+def reference_logits(engine: GenerationEngine, prompt: list[int], generated: list[int]):
+    """The transformers model's next-token logits after ``prompt + generated``."""
+    with torch.no_grad():
+        return engine.model(torch.tensor([prompt + generated])).logits[0, -1].float().clone()
+
+
+def repeats(ids: list[int]) -> int:
+    return len(ids) - len(set(ids))
+
+
+def test_a_frequency_penalty_makes_greedy_output_repeat_less(engine):
+    plain, _ = generate(engine, PROMPT, max_new_tokens=30, temperature=0.0)
+    assert repeats(plain) > 0  # the tiny model loops, so there is something to penalize
+    penalized, finish = generate(
+        engine, PROMPT, max_new_tokens=30, temperature=0.0, frequency_penalty=2.0
+    )
+    assert finish == "length" and len(penalized) == 30
+    assert penalized != plain
+    assert repeats(penalized) < repeats(plain)
+
+
+@pytest.mark.parametrize(
+    ("presence", "frequency"), [(1.5, 0.0), (0.0, 0.7), (0.4, 0.3), (-0.5, 0.0)]
+)
+def test_penalties_by_hand_on_transformers_logits_give_the_same_greedy_tokens(
+    engine, presence, frequency
+):
+    params = greedy(12, presence_penalty=presence, frequency_penalty=frequency)
+    ids, _ = asyncio.run(collect(engine, PROMPT, params))
+    generated: list[int] = []
+    for _ in range(len(ids)):
+        logits = reference_logits(engine, PROMPT, generated)
+        for token in set(generated):
+            logits[token] -= presence + frequency * generated.count(token)
+        generated.append(int(torch.argmax(logits)))
+    assert ids == generated
+
+
+def test_greedy_logprobs_are_the_log_softmax_of_the_logits(engine):
+    params = greedy(10, logprobs=True, top_logprobs=5)
+    ids, logprobs = asyncio.run(collect_logprobs(engine, PROMPT, params))
+    assert len(logprobs) == len(ids) == 10
+    for step, (token, entry) in enumerate(zip(ids, logprobs, strict=True)):
+        expected = torch.log_softmax(reference_logits(engine, PROMPT, ids[:step]), dim=-1)
+        assert entry.token_id == token
+        torch.testing.assert_close(torch.tensor(entry.logprob), expected[token], atol=1e-4, rtol=0)
+        assert len(entry.top) == 5
+        top_ids = [t for t, _ in entry.top]
+        top_values = [v for _, v in entry.top]
+        assert top_ids[0] == token  # greedy: the best is the one chosen
+        assert top_values == sorted(top_values, reverse=True)
+        torch.testing.assert_close(torch.tensor(top_values), expected[top_ids], atol=1e-4, rtol=0)
+
+
+def test_logprobs_follow_penalties_and_temperature(engine):
+    params = SamplingParams(
+        max_new_tokens=8, temperature=0.7, seed=7, frequency_penalty=1.0,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    ids, logprobs = asyncio.run(collect_logprobs(engine, PROMPT, params))
+    for step, (token, entry) in enumerate(zip(ids, logprobs, strict=True)):
+        logits = reference_logits(engine, PROMPT, ids[:step])
+        for seen in set(ids[:step]):
+            logits[seen] -= 1.0 * ids[:step].count(seen)
+        expected = torch.log_softmax(logits / 0.7, dim=-1)
+        torch.testing.assert_close(torch.tensor(entry.logprob), expected[token], atol=1e-4, rtol=0)
+        assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
+
+
+def test_no_top_logprobs_gives_the_chosen_token_only(engine):
+    ids, logprobs = asyncio.run(collect_logprobs(engine, PROMPT, greedy(4, logprobs=True)))
+    assert [entry.token_id for entry in logprobs] == ids
+    assert all(entry.top == [] and entry.logprob <= 0.0 for entry in logprobs)
+    plain, none = asyncio.run(collect_logprobs(engine, PROMPT, greedy(4)))
+    assert plain == ids and none is None
+
+
+def test_coalesced_chunks_keep_one_logprob_per_token(engine):
+    async def run():
+        chunks = []
+        async for chunk in engine.stream(PROMPT, greedy(12, logprobs=True, top_logprobs=2)):
+            chunks.append(chunk)
+            await asyncio.sleep(0.05)  # fall behind, so later chunks carry several tokens
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert any(len(chunk.token_ids) > 1 for chunk in chunks)
+    for chunk in chunks:
+        assert [entry.token_id for entry in chunk.logprobs] == chunk.token_ids
+    alone, logprobs = asyncio.run(
+        collect_logprobs(engine, PROMPT, greedy(12, logprobs=True, top_logprobs=2))
+    )
+    assert [t for chunk in chunks for t in chunk.token_ids] == alone
+    assert [e for chunk in chunks for e in chunk.logprobs] == logprobs
+
+
+# Penalized and logprob requests beside plain ones, greedy and seeded.
+EXTRAS = [
+    (PROMPT, greedy(16, logprobs=True, top_logprobs=4)),
+    (PROMPT, greedy(16)),
+    ([1, 60, 61, 62], greedy(20, frequency_penalty=1.2, logprobs=True)),
+    ([7, 8], greedy(14, presence_penalty=0.8)),
+    (
+        [1] + list(range(100, 140)),
+        SamplingParams(
+            max_new_tokens=18,
+            temperature=0.9,
+            top_p=0.95,
+            seed=3,
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+            logprobs=True,
+            top_logprobs=2,
+        ),
+    ),  # fmt: skip
+    ([5, 6, 7], SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)),
+]
+
+
+def test_penalties_and_logprobs_are_the_same_alone_and_batched(engine):
+    alone = [asyncio.run(collect_logprobs(engine, p, params)) for p, params in EXTRAS]
+
+    async def together():
+        tasks = []
+        for prompt, params in EXTRAS:  # staggered: each joins a batch already decoding
+            tasks.append(asyncio.create_task(collect_logprobs(engine, prompt, params)))
+            await asyncio.sleep(0.005)
+        return await asyncio.gather(*tasks)
+
+    batched = asyncio.run(together())
+    assert engine.stats.max_running > 1
+    for (ids, logprobs), (alone_ids, alone_logprobs) in zip(batched, alone, strict=True):
+        assert ids == alone_ids
+        if alone_logprobs is None:
+            assert logprobs is None
+            continue
+        for entry, reference in zip(logprobs, alone_logprobs, strict=True):
+            assert entry.token_id == reference.token_id
+            assert [t for t, _ in entry.top] == [t for t, _ in reference.top]
+            torch.testing.assert_close(
+                torch.tensor([entry.logprob] + [v for _, v in entry.top]),
+                torch.tensor([reference.logprob] + [v for _, v in reference.top]),
+                atol=1e-4, rtol=0,
+            )  # fmt: skip
+    # The plain greedy request beside them is what it is on its own.
+    assert batched[1][0] == generate(engine, PROMPT, max_new_tokens=16, temperature=0.0)[0]
+
+
+def test_the_runner_api_passes_penalties_and_logprobs_and_keeps_plain_lines_small(engine):
+    from runners.llm import LLMRunner
+
+    runner = object.__new__(LLMRunner.inner)  # no BentoML model store: the engine is ours
+    runner.engine = engine
+
+    async def lines(**params):
+        return [line async for line in runner.generate(prompt_ids=PROMPT, **params)]
+
+    plain = asyncio.run(lines(max_new_tokens=3, temperature=0.0))
+    assert all("logprobs" not in line for line in plain)
+    assert '"finish_reason"' not in plain[0] and '"finish_reason":"length"' in plain[-1]
+    asked = asyncio.run(
+        lines(max_new_tokens=3, temperature=0.0, frequency_penalty=2.0, logprobs=True,
+              top_logprobs=2)
+    )  # fmt: skip
+    chunks = [GenerationChunk.model_validate_json(line) for line in asked]
+    ids = [t for chunk in chunks for t in chunk.token_ids]
+    assert ids == generate(engine, PROMPT, **greedy(3, frequency_penalty=2.0).model_dump())[0]
+    assert all(len(entry.top) == 2 for chunk in chunks for entry in chunk.logprobs)

@@ -30,7 +30,14 @@ def error_for(body: dict):
         ({"messages": USER, "top_p": 0}, "top_p", "invalid_value"),
         ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
         ({"messages": USER, "stop": ""}, "stop", "invalid_value"),
-        ({"messages": USER, "n": 2}, "n", "invalid_value"),
+        ({"messages": USER, "n": 9}, "n", "invalid_value"),
+        ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"messages": USER, "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+        (
+            {"messages": USER, "response_format": {"type": "xml"}},
+            "response_format",
+            "invalid_value",
+        ),
         ({"messages": USER, "logit_bias": {"1": 2}}, "logit_bias", "unsupported_parameter"),
     ],
 )
