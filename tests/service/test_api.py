@@ -172,3 +172,122 @@ def test_health_endpoints_are_served(client):
     # /metrics needs the served process's Prometheus set-up: the end-to-end test checks it.
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+@pytest.fixture
+def api(client) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+
+
+def test_n_choices_are_distinct_samples_with_summed_usage(api):
+    out = api.chat.completions.create(
+        model="tiny-chat", messages=USER, n=3, max_tokens=8, temperature=1.0, seed=5
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.message.content for c in out.choices]
+    assert len(set(texts)) > 1  # each choice has its own seed
+    one = api.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=8, temperature=1.0, seed=5
+    )
+    assert one.choices[0].message.content == texts[0]  # choice 0 is the plain seeded request
+    assert out.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert out.usage.completion_tokens == sum(
+        api.chat.completions.create(
+            model="tiny-chat", messages=USER, max_tokens=8, temperature=1.0, seed=5 + i
+        ).usage.completion_tokens
+        for i in range(3)
+    )
+
+
+def test_n_choices_stream_with_their_indexes(api):
+    stream = api.chat.completions.create(
+        model="tiny-chat", messages=USER, n=2, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices}
+    assert set(finishes) == {0, 1} and all(finishes.values())
+    text = {i: "" for i in (0, 1)}
+    for c in chunks:
+        if c.choices:
+            text[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert text[0] == text[1]  # greedy: both choices are the same answer
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_logprobs_and_top_logprobs(api):
+    out = api.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )  # fmt: skip
+    content = out.choices[0].logprobs.content
+    assert content and len(content) <= out.usage.completion_tokens
+    assert "".join(e.token for e in content).startswith(out.choices[0].message.content[:1])
+    for entry in content:
+        assert entry.logprob <= 0.0
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    plain = api.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+
+
+def test_top_logprobs_without_logprobs_is_refused(api):
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="tiny-chat", messages=USER, top_logprobs=2)
+    assert info.value.body["param"] == "top_logprobs"
+
+
+def test_penalties_change_greedy_output(api):
+    base = {"model": "tiny-chat", "messages": USER, "max_tokens": 24, "temperature": 0}
+    plain = api.chat.completions.create(**base).choices[0].message.content
+    penalized = api.chat.completions.create(**base, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized.choices[0].message.content != plain
+
+
+def test_an_api_key_is_required_when_configured(client, monkeypatch):
+    import service
+
+    monkeypatch.setattr(service.settings, "api_key", "s3cret")
+    no_key = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="nope", http_client=client, max_retries=0
+    )
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    right = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="s3cret", http_client=client, max_retries=0
+    )
+    assert right.models.list().data[0].id == "tiny-chat"
+
+
+def test_a_body_over_the_limit_is_a_413(client, monkeypatch):
+    import service
+
+    monkeypatch.setattr(service.settings, "max_request_bytes", 2048)
+    big = {"messages": [{"role": "user", "content": "x" * 4096}]}
+    resp = client.post("/v1/chat/completions", json=big)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+    chunked = client.post(  # no Content-Length: the limit applies while reading
+        "/v1/chat/completions", content=iter([json.dumps(big).encode()])
+    )
+    assert chunked.status_code == 413
+
+
+def test_requests_over_the_concurrency_limit_get_a_429(client, monkeypatch):
+    import service
+
+    monkeypatch.setattr(service.settings, "max_concurrent_requests", 1)
+    api = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+    stream = api.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=50, temperature=0, stream=True
+    )
+    next(iter(stream))  # one request in flight
+    with pytest.raises(openai.RateLimitError):
+        api.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=2)
+    stream.close()
