@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import bentoml
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -47,6 +47,7 @@ from logic.model_files import ModelFiles
 from logic.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
+    CompletionRequest,
     GenerationChunk,
     SamplingParams,
 )
@@ -94,7 +95,7 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def _read_request(request: Request) -> ChatCompletionRequest:
+async def _read_request(request: Request, schema: type[BaseModel] = ChatCompletionRequest):
     raw = await _read_body(request)
     try:
         body = json.loads(raw)
@@ -108,7 +109,7 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 
@@ -117,9 +118,7 @@ def _sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _event_stream(
-    first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]
-) -> AsyncIterator[str]:
+async def _event_stream(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events; an error after the first byte becomes an error event."""
     async with contextlib.aclosing(rest):  # a client that leaves cancels the generation
         yield _sse(first.model_dump_json())
@@ -151,6 +150,21 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
+async def completions(request: Request) -> Response:
+    chat: ChatCompletionService = request.app.state.chat
+    body = await _read_request(request, CompletionRequest)
+    if not body.stream:
+        response = await chat.create_completion(body)
+        return JSONResponse(response.model_dump(mode="json"))
+    chunks = chat.create_completion_stream(body)
+    first = await anext(chunks)  # as for chat: a runner failure is still a proper status
+    return StreamingResponse(
+        _event_stream(first, chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 async def list_models(request: Request) -> Response:
     chat: ChatCompletionService = request.app.state.chat
     return JSONResponse(chat.models().model_dump(mode="json"))
@@ -159,6 +173,7 @@ async def list_models(request: Request) -> Response:
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _ROUTES = [
     Route("/chat/completions", chat_completions, methods=["POST"]),
+    Route("/completions", completions, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
 ]
 

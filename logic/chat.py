@@ -30,6 +30,10 @@ from logic.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
     DeltaMessage,
     FinishReason,
     GenerationChunk,
@@ -41,6 +45,7 @@ from logic.protocol import (
     TopLogprob,
     Usage,
     new_completion_id,
+    new_text_completion_id,
 )
 from logic.settings import Settings
 from logic.stops import StopStringMatcher
@@ -157,10 +162,11 @@ class ChatCompletionService:
                 code="context_length_exceeded",
             )
         requested = request.requested_max_tokens
+        completion_tokens_param = getattr(request, "max_completion_tokens", None)
         if requested is None:
             return min(self._settings.default_max_tokens, window - prompt_tokens)
         if prompt_tokens + requested > window:
-            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            param = "max_completion_tokens" if completion_tokens_param else "max_tokens"
             raise InvalidRequestError(
                 f"This model's maximum context length is {window} tokens. However, you "
                 f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the "
@@ -331,3 +337,111 @@ class ChatCompletionService:
                 choices=[],
                 usage=_usage(len(prepared.prompt_ids), choices),
             )
+
+    # ------------------------------------------------------------ text completions
+
+    def prepare_completion(self, request: CompletionRequest) -> PreparedPrompt:
+        """``/v1/completions``: the prompt is raw text, no template, no system prompt."""
+        if request.model is not None and request.model != self.model_name:
+            raise ModelNotFoundError(request.model)
+        if request.user:
+            logger.info("request for user %r", request.user)
+        prompt_ids = self._files.tokenizer.encode(request.text)
+        if not prompt_ids:
+            raise InvalidRequestError("'prompt' is empty.", param="prompt", code="invalid_value")
+        params = SamplingParams(
+            max_new_tokens=self._completion_budget(request, len(prompt_ids)),
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+            stop_token_ids=self._files.stop_token_ids,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logprobs=request.logprobs is not None,
+            top_logprobs=request.logprobs or 0,
+        )
+        return PreparedPrompt(
+            prompt_ids=prompt_ids, params=params, stop_strings=request.stop_strings, n=request.n
+        )
+
+    @staticmethod
+    def _completion_logprobs(entries: list[TokenLogprobEntry], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for entry in entries:
+            out.tokens.append(entry.token)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append({top.token: top.logprob for top in entry.top_logprobs})
+            out.text_offset.append(offset)
+            offset += len(entry.token)
+        return out
+
+    async def create_completion(self, request: CompletionRequest) -> CompletionResponse:
+        prepared = self.prepare_completion(request)
+        choices = [_Choice(index) for index in range(prepared.n)]
+        async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
+            async for choice, text, entries in pieces:
+                if text is not None:
+                    choice.text.append(text)
+                    choice.logprobs += entries
+        offset = len(request.text)
+        return CompletionResponse(
+            model=self.model_name,
+            system_fingerprint=self._fingerprint,
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text="".join(c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=(
+                        self._completion_logprobs(c.logprobs, offset)
+                        if request.logprobs is not None
+                        else None
+                    ),
+                )
+                for c in choices
+            ],
+            usage=_usage(len(prepared.prompt_ids), choices),
+        )
+
+    def create_completion_stream(
+        self, request: CompletionRequest
+    ) -> AsyncIterator[CompletionResponse]:
+        prepared = self.prepare_completion(request)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return self._completion_stream(prepared, request, include_usage)
+
+    async def _completion_stream(
+        self, prepared: PreparedPrompt, request: CompletionRequest, include_usage: bool
+    ) -> AsyncIterator[CompletionResponse]:
+        choices = [_Choice(index) for index in range(prepared.n)]
+        completion_id, created = new_text_completion_id(), int(time.time())
+        offsets = {c.index: len(request.text) for c in choices}
+
+        def chunk(choice_list: list[CompletionChoice], usage: Usage | None = None):
+            return CompletionResponse(
+                id=completion_id,
+                created=created,
+                model=self.model_name,
+                system_fingerprint=self._fingerprint,
+                choices=choice_list,
+                usage=usage,
+            )
+
+        async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
+            async for choice, text, entries in pieces:
+                if text is None:
+                    done = CompletionChoice(
+                        index=choice.index, text="", finish_reason=choice.finish_reason
+                    )
+                    yield chunk([done])
+                    continue
+                logprobs = None
+                if request.logprobs is not None and entries:
+                    logprobs = self._completion_logprobs(entries, offsets[choice.index])
+                    offsets[choice.index] += sum(len(e.token) for e in entries)
+                if text or logprobs:
+                    yield chunk(
+                        [CompletionChoice(index=choice.index, text=text, logprobs=logprobs)]
+                    )
+        if include_usage:
+            yield chunk([], _usage(len(prepared.prompt_ids), choices))

@@ -291,3 +291,43 @@ def test_requests_over_the_concurrency_limit_get_a_429(client, monkeypatch):
     with pytest.raises(openai.RateLimitError):
         api.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=2)
     stream.close()
+
+
+def test_text_completions_whole_and_streamed(api):
+    whole = api.completions.create(
+        model="tiny-chat", prompt="Once upon a time", max_tokens=8, temperature=0
+    )
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    choice = whole.choices[0]
+    assert choice.finish_reason in {"stop", "length"} and choice.text
+    assert 0 < whole.usage.completion_tokens <= 8
+    streamed = api.completions.create(
+        model="tiny-chat", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completion_logprobs_and_n(api):
+    out = api.completions.create(
+        model="tiny-chat", prompt=["Hello"], max_tokens=5, temperature=0, logprobs=2, n=2
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
+    assert lp.text_offset[0] == len("Hello")
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"),
+     ({"prompt": ["a", "b"]}, "prompt"), ({"logprobs": 6}, "logprobs")],
+)  # fmt: skip
+def test_text_completion_parameters_we_do_not_implement_are_refused(client, extra, param):
+    body = {"prompt": "Hello", "max_tokens": 2, **extra}
+    resp = client.post("/v1/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == param
