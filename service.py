@@ -18,7 +18,8 @@ import hmac
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from http import HTTPStatus
 
 import aiohttp
 import bentoml
@@ -45,8 +46,9 @@ from logic.errors import (
 )
 from logic.model_files import ModelFiles
 from logic.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     GenerationChunk,
     SamplingParams,
@@ -244,6 +246,73 @@ def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> ChatComplet
     )
 
 
+# ---------------------------------------------------------------- native BentoML API
+
+
+class NativeAPI:
+    """Typed BentoML endpoints beside the OpenAI routes, for ``bentoml.SyncHTTPClient`` and
+    ``AsyncHTTPClient``: ``chat`` returns a whole answer, ``chat_stream`` streams its text.
+    Same business logic, same errors (as BentoML errors with the same status codes)."""
+
+    chat: ChatCompletionService
+
+    @bentoml.api
+    async def chat_completion(
+        self,
+        messages: list[ChatMessage],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> ChatCompletionResponse:
+        """A whole chat completion, in OpenAI's response shape."""
+        request = _native_request(locals())
+        with _as_bentoml_errors():
+            return await self.chat.create(request)
+
+    @bentoml.api
+    async def chat_stream(
+        self,
+        messages: list[ChatMessage],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """The answer's text, streamed piece by piece."""
+        request = _native_request({**locals(), "stream": True})
+        with _as_bentoml_errors():
+            chunks = self.chat.create_stream(request)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+
+
+def _native_request(args: dict) -> ChatCompletionRequest:
+    fields = {k: v for k, v in args.items() if k != "self" and v is not None}
+    with _as_bentoml_errors():
+        try:
+            return ChatCompletionRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+
+@contextlib.contextmanager
+def _as_bentoml_errors() -> Iterator[None]:
+    """An :class:`APIError` as the BentoML error of the same HTTP status."""
+    try:
+        yield
+    except APIError as exc:
+        where = f" (param: {exc.param})" if exc.param else ""
+        raise bentoml.exceptions.BentoMLException(
+            exc.message + where, error_code=HTTPStatus(exc.status_code)
+        ) from None
+
+
 # ---------------------------------------------------------------- split topology: API + runner
 
 api_app = create_openai_app()
@@ -263,7 +332,7 @@ _RUNNER_TRANSPORT_ERRORS = (
     workers=settings.api_workers,
     traffic={"timeout": settings.api_timeout},
 )
-class ChatAPI:
+class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
 
     runner = bentoml.depends(LLMRunner)
@@ -317,7 +386,7 @@ monolith_app = create_openai_app()
     workers=1,
     traffic={"timeout": settings.api_timeout},
 )
-class Monolith:
+class Monolith(NativeAPI):
     """The same API with the engine in-process: one process, no hop, no separate scaling."""
 
     model = bentoml.models.BentoModel(settings.model)

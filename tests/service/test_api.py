@@ -331,3 +331,15 @@ def test_text_completion_parameters_we_do_not_implement_are_refused(client, extr
     resp = client.post("/v1/completions", json=body)
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == param
+
+
+def test_native_bentoml_endpoints(client):
+    body = {"messages": USER, "max_tokens": 6, "temperature": 0}
+    whole = client.post("/chat_completion", json=body)
+    assert whole.status_code == 200, whole.text
+    answer = whole.json()["choices"][0]["message"]["content"]
+    streamed = client.post("/chat_stream", json=body)
+    assert streamed.status_code == 200
+    assert streamed.text == answer
+    bad = client.post("/chat_completion", json={**body, "max_tokens": 10**6})
+    assert bad.status_code == 400 and "max_tokens" in bad.text
