@@ -3,6 +3,7 @@ official openai client. Needs the default model in the user's store (`make test`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bentoml
 import httpx
 import openai
 import psutil
@@ -221,3 +223,49 @@ def test_dropped_streams_stop_using_the_model(server, client):
     assert idle_cpu < 0.25 * 2.0 * busy_cpu  # ...and it goes quiet once they are gone
     answer, _ = _greedy(client, "What is the capital of France?", 16)
     assert "Paris" in answer
+
+
+def test_async_client_streams_n_choices_with_logprobs(server):
+    url, _ = server
+
+    async def run():
+        api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        stream = await api.chat.completions.create(
+            model=DEFAULT_MODEL, messages=QUESTION, max_tokens=12, temperature=0, n=2,
+            logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        await api.close()
+        return chunks
+
+    chunks = asyncio.run(run())
+    texts: dict[int, str] = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.delta.content:
+                assert choice.logprobs.content[0].top_logprobs
+    assert texts[0] == texts[1] and "Paris" in texts[0]
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_text_completions_are_served(client):
+    out = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=6, temperature=0
+    )
+    assert out.choices[0].text and out.usage.completion_tokens <= 6
+
+
+def test_bentoml_clients_use_the_native_api(server):
+    url, _ = server
+    with bentoml.SyncHTTPClient(url, timeout=120) as native:
+        whole = native.chat_completion(messages=QUESTION, max_tokens=16, temperature=0)
+        pieces = list(native.chat_stream(messages=QUESTION, max_tokens=16, temperature=0))
+    answer = whole["choices"][0]["message"]["content"]
+    assert "Paris" in answer and "".join(pieces) == answer
+
+    async def run():
+        async with bentoml.AsyncHTTPClient(url, timeout=120) as native:
+            return [p async for p in native.chat_stream(messages=QUESTION, max_tokens=16)]
+
+    assert "".join(asyncio.run(run()))
