@@ -13,15 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from logic.cleanup import OutputCleaner
-from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
+from logic.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    RunnerUnavailableError,
+    UnprocessableError,
+)
+from logic.json_output import (
+    JSONExtractionError,
+    extract_json,
+    schema_problems,
+    unsupported_keywords,
+    validate_json,
+)
 from logic.model_files import ModelFiles
-from logic.prompt import apply_prompt_policy
+from logic.pipeline import Conversation, Pipeline
 from logic.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -39,6 +52,7 @@ from logic.protocol import (
     GenerationChunk,
     ModelCard,
     ModelList,
+    ResponseFormat,
     SamplingParams,
     TokenLogprob,
     TokenLogprobEntry,
@@ -63,6 +77,7 @@ class PreparedPrompt:
     params: SamplingParams
     stop_strings: list[str]
     n: int = 1
+    response_format: ResponseFormat | None = None
 
     def params_for(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives each choice its own seed."""
@@ -108,6 +123,10 @@ class ChatCompletionService:
         self._generate = generate
         self._fingerprint = fingerprint
         self._created = int(time.time())
+        pre = ["redact_pii"] if settings.redact_pii else []
+        self.pipeline = Pipeline.from_settings(
+            settings, pre=pre + _names(settings.pre_steps), post=_names(settings.post_steps)
+        )
 
     @property
     def model_name(self) -> str:
@@ -130,10 +149,8 @@ class ChatCompletionService:
             )
         if request.user:
             logger.info("request for user %r", request.user)
-        messages = apply_prompt_policy(
-            request.messages,
-            default_system_prompt=self._settings.effective_system_prompt,
-        )
+        conversation = self.pipeline.before(Conversation.from_messages(request.messages))
+        messages = _with_format_instruction(conversation.messages, request.response_format)
         prompt_ids = self._files.tokenizer.encode(self._files.template.render(messages))
         max_new_tokens = self._completion_budget(request, len(prompt_ids))
         params = SamplingParams(
@@ -149,7 +166,13 @@ class ChatCompletionService:
         )
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers
-        return PreparedPrompt(prompt_ids=prompt_ids, params=params, stop_strings=stops, n=request.n)
+        return PreparedPrompt(
+            prompt_ids=prompt_ids,
+            params=params,
+            stop_strings=stops,
+            n=request.n,
+            response_format=request.response_format,
+        )
 
     def _completion_budget(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         window = self._files.context_length
@@ -272,7 +295,11 @@ class ChatCompletionService:
             choices=[
                 ChatCompletionChoice(
                     index=c.index,
-                    message=AssistantMessage(content="".join(c.text)),
+                    message=AssistantMessage(
+                        content=_enforce_format(
+                            prepared.response_format, self.pipeline.after("".join(c.text))
+                        )
+                    ),
                     finish_reason=c.finish_reason,
                     logprobs=ChoiceLogprobs(content=c.logprobs) if request.logprobs else None,
                 )
@@ -319,8 +346,11 @@ class ChatCompletionService:
         async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
             async for choice, text, entries in pieces:
                 if text is None:
+                    # A format the answer fails ends the stream with a 422-shaped error event.
+                    _enforce_format(prepared.response_format, "".join(choice.text))
                     yield chunk(choice.index, DeltaMessage(), choice.finish_reason)
                     continue
+                choice.text.append(text)
                 # A choice's role chunk waits for its first token, so a runner that cannot
                 # answer fails the request before any byte is sent (with a proper status).
                 if choice.index not in started:
@@ -445,3 +475,71 @@ class ChatCompletionService:
                     )
         if include_usage:
             yield chunk([], _usage(len(prepared.prompt_ids), choices))
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def check_response_format(response_format: ResponseFormat | None) -> None:
+    """A JSON schema we cannot check is refused up front (400), not half-enforced."""
+    if response_format is None or response_format.type != "json_schema":
+        return
+    schema = response_format.json_schema.json_schema
+    param = "response_format.json_schema.schema"
+    problems = schema_problems(schema)
+    if problems:
+        raise InvalidRequestError(
+            f"Invalid JSON schema: {'; '.join(problems[:3])}.", param=param, code="invalid_value"
+        )
+    unsupported = unsupported_keywords(schema)
+    if unsupported:
+        raise InvalidRequestError(
+            f"JSON schema keywords this server cannot check: {', '.join(sorted(unsupported))}.",
+            param=param,
+            code="unsupported_value",
+        )
+
+
+def _with_format_instruction(
+    messages: list[dict[str, str]], response_format: ResponseFormat | None
+) -> list[dict[str, str]]:
+    """Tell the model about a JSON format in the system message (the template's own place
+    for instructions); the answer is checked afterwards by :func:`_enforce_format`."""
+    if response_format is None or response_format.type == "text":
+        return messages
+    check_response_format(response_format)
+    instruction = "Answer with one JSON value and nothing else."
+    if response_format.type == "json_schema":
+        schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))
+        instruction += f" It must match this JSON schema: {schema}"
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
+    """The answer as the format asks: JSON extracted from it (and checked against the
+    schema), re-serialized; a 422 when the model's answer cannot satisfy the format."""
+    if response_format is None or response_format.type == "text":
+        return text
+    try:
+        value = extract_json(text)
+    except JSONExtractionError as exc:
+        raise UnprocessableError(
+            f"The model's answer is not valid JSON ({exc}). Retry, or relax response_format.",
+            param="response_format",
+            code="response_format_not_met",
+        ) from None
+    if response_format.type == "json_schema":
+        problems = validate_json(value, response_format.json_schema.json_schema)
+        if problems:
+            raise UnprocessableError(
+                "The model's answer does not match the JSON schema: "
+                + "; ".join(problems[:5])
+                + ". Retry, or relax response_format.",
+                param="response_format",
+                code="response_format_not_met",
+            )
+    return json.dumps(value, ensure_ascii=False)

@@ -37,6 +37,33 @@ class Settings(BaseSettings):
         512, ge=1, description="Completion budget when a request sets no max_tokens."
     )
 
+    # Business-logic pipeline (logic/pipeline.py): step names, comma-separated, in order.
+    pre_steps: str = Field(
+        "system_prompt,input_limits",
+        description="Steps on the conversation before templating (built in: system_prompt, "
+        "input_limits, redact_pii; or your own, see step_modules).",
+    )
+    post_steps: str = Field(
+        "strip_template_artefacts,strip_trailing_whitespace",
+        description="Steps on a whole answer (built in: strip_template_artefacts, "
+        "strip_trailing_whitespace). Streams get the same cleanup incrementally.",
+    )
+    redact_pii: bool = Field(
+        False,
+        description="Mask e-mail addresses, phone and card numbers before the prompt reaches "
+        "the model (runs first, before pre_steps).",
+    )
+    step_modules: str = Field(
+        "", description="Modules to import (comma-separated) that register your own steps."
+    )
+    max_messages: int | None = Field(256, ge=1, description="input_limits: messages per request.")
+    max_message_chars: int | None = Field(
+        32_768, ge=1, description="input_limits: characters per message."
+    )
+    max_input_chars: int | None = Field(
+        131_072, ge=1, description="input_limits: characters in all messages."
+    )
+
     # API gate.
     api_key: str | None = Field(
         None, description="When set, requests must send 'Authorization: Bearer <key>' (else 401)."

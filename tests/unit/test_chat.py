@@ -212,3 +212,93 @@ def test_a_runner_stream_that_ends_without_a_reason_is_a_503_not_a_short_answer(
     service._generate = cut_off
     with pytest.raises(RunnerUnavailableError):
         run(service.create(request()))
+
+
+# ---------------------------------------------------------------- the pipeline, end to end
+
+
+def run_create(chat: ChatCompletionService, **body):
+    request = ChatCompletionRequest.model_validate({"messages": USER_MESSAGES, **body})
+    return asyncio.run(chat.create(request))
+
+
+USER_MESSAGES = [{"role": "user", "content": "Mail me at jane.doe@example.com please"}]
+
+
+def test_pii_is_redacted_before_the_prompt_reaches_the_model(files):
+    chat, gen = make(files, "ok", redact_pii=True)
+    run_create(chat)
+    prompt = files.tokenizer.decode(gen.calls[0][0])
+    assert "jane.doe@example.com" not in prompt and "[EMAIL]" in prompt
+    plain, gen = make(files, "ok")
+    run_create(plain)
+    assert "jane.doe@example.com" in files.tokenizer.decode(gen.calls[0][0])
+
+
+def test_input_limits_refuse_oversized_messages(files):
+    chat, _ = make(files, "ok", max_message_chars=10)
+    with pytest.raises(InvalidRequestError) as info:
+        run_create(chat)
+    assert info.value.param == "messages[0].content"
+
+
+def test_post_steps_clean_the_whole_answer(files):
+    chat, _ = make(files, "Hello there   ", post_steps="strip_trailing_whitespace")
+    assert run_create(chat).choices[0].message.content == "Hello there"
+
+
+def test_a_user_step_is_chosen_by_name_in_settings(files):
+    from logic.pipeline import register_pre_step
+
+    @register_pre_step("shout_for_test", replace=True)
+    def shout(settings):
+        def step(conversation):
+            messages = [{**m, "content": m["content"].upper()} for m in conversation.messages]
+            return conversation.replace(messages=messages)
+
+        return step
+
+    chat, gen = make(files, "ok", pre_steps="system_prompt,shout_for_test")
+    run_create(chat)
+    assert "JANE.DOE@EXAMPLE.COM" in files.tokenizer.decode(gen.calls[0][0])
+
+
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "person",
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        },
+    },
+}
+
+
+def test_json_answers_are_extracted_and_checked(files):
+    chat, gen = make(files, 'Ok: {"name":"Ann","age":3}')
+    out = run_create(chat, response_format=JSON_SCHEMA)
+    assert out.choices[0].message.content == '{"name": "Ann", "age": 3}'
+    prompt = files.tokenizer.decode(gen.calls[0][0])
+    assert "JSON schema" in prompt  # the model is told what to produce
+
+
+def test_an_answer_that_fails_the_format_is_a_422(files):
+    from logic.errors import UnprocessableError
+
+    chat, _ = make(files, '{"name": "Ann"}')
+    with pytest.raises(UnprocessableError) as info:
+        run_create(chat, response_format=JSON_SCHEMA)
+    assert info.value.status_code == 422 and "age" in info.value.message
+    chat, _ = make(files, "no json here")
+    with pytest.raises(UnprocessableError):
+        run_create(chat, response_format={"type": "json_object"})
+
+
+def test_a_schema_we_cannot_check_is_a_400(files):
+    chat, _ = make(files, "{}")
+    schema = {**JSON_SCHEMA["json_schema"], "schema": {"$ref": "#/defs/x"}}
+    with pytest.raises(InvalidRequestError) as info:
+        run_create(chat, response_format={"type": "json_schema", "json_schema": schema})
+    assert info.value.param == "response_format.json_schema.schema"
