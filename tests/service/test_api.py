@@ -343,3 +343,47 @@ def test_native_bentoml_endpoints(client):
     assert streamed.text == answer
     bad = client.post("/chat_completion", json={**body, "max_tokens": 10**6})
     assert bad.status_code == 400 and "max_tokens" in bad.text
+
+
+def test_response_format_through_the_sdk(api):
+    # The tiny random model cannot write JSON: the answer fails the format, a 422.
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        api.chat.completions.create(
+            model="tiny-chat", messages=USER, max_tokens=8, response_format={"type": "json_object"}
+        )
+    assert info.value.body["code"] == "response_format_not_met"
+    with pytest.raises(openai.BadRequestError):  # a schema we cannot check is refused first
+        api.chat.completions.create(
+            model="tiny-chat", messages=USER, max_tokens=8,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"$ref": "#/a"}}},
+        )  # fmt: skip
+
+
+def test_an_unexpected_failure_is_an_openai_shaped_500(client, api, monkeypatch):
+    import service
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service.api_app.state.chat, "create", broken)
+    with pytest.raises(openai.InternalServerError) as info:
+        api.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=2)
+    assert "a bug" not in str(info.value.body)  # no internals leak
+    assert client.get("/v1/models").status_code == 200
+
+
+def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch):
+    import service
+    from logic.errors import RunnerUnavailableError
+
+    async def unreachable(prompt_ids, params):
+        raise RunnerUnavailableError()
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(service.api_app.state.chat, "_generate", unreachable)
+    for stream in (False, True):
+        body = {"messages": USER, "max_tokens": 2, "stream": stream}
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "runner_unavailable"
