@@ -302,3 +302,26 @@ def test_a_schema_we_cannot_check_is_a_400(files):
     with pytest.raises(InvalidRequestError) as info:
         run_create(chat, response_format={"type": "json_schema", "json_schema": schema})
     assert info.value.param == "response_format.json_schema.schema"
+
+
+def test_the_readme_recipe_for_a_step_module_works(files, tmp_path, monkeypatch):
+    (tmp_path / "readme_steps.py").write_text(
+        "from logic.pipeline import Conversation, register_pre_step\n\n"
+        "@register_pre_step('no_shouting', replace=True)\n"
+        "def no_shouting(settings):\n"
+        "    def step(conversation: Conversation) -> Conversation:\n"
+        "        messages = [{**m, 'content': m['content'].lower()}\n"
+        "                    for m in conversation.messages]\n"
+        "        return conversation.replace(messages=messages)\n"
+        "    return step\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    chat, gen = make(
+        files,
+        "ok",
+        step_modules="readme_steps",
+        pre_steps="system_prompt,no_shouting,input_limits",
+    )
+    run_create(chat, messages=[{"role": "user", "content": "HELLO THERE"}])
+    prompt = files.tokenizer.decode(gen.calls[0][0])
+    assert "hello there" in prompt and "HELLO THERE" not in prompt
