@@ -4,24 +4,11 @@ OpenAI client, and bad input that must never become a 500."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import openai
 import pytest
-from starlette.testclient import TestClient
 
 USER = [{"role": "user", "content": "Hello, how are you today?"}]
-
-
-@pytest.fixture(scope="module")
-def client(tiny_model_tag: str) -> Iterator[TestClient]:
-    # One ASGI app per process (BentoML registers its Prometheus metrics globally); the
-    # monolith is served for real in tests/e2e.
-    from service import ChatAPI
-
-    app = ChatAPI.to_asgi()
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def sse_events(text: str) -> list[str]:
