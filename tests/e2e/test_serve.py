@@ -269,3 +269,20 @@ def test_bentoml_clients_use_the_native_api(server):
             return [p async for p in native.chat_stream(messages=QUESTION, max_tokens=16)]
 
     assert "".join(asyncio.run(run()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"extra_body": {"tools": []}}, 400, "unsupported_parameter"),
+        ({"model": "gpt-4o"}, 404, "model_not_found"),
+        ({"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, "request_too_large"),
+        ({"logprobs": False, "top_logprobs": 3}, 400, "invalid_value"),
+    ],
+)
+def test_served_errors_reach_the_sdk_with_their_status(client, kwargs, status, code):
+    body = {"model": DEFAULT_MODEL, "messages": QUESTION, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**body)
+    assert info.value.status_code == status
+    assert info.value.body["code"] == code
