@@ -18,8 +18,9 @@ import hmac
 import inspect
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from http import HTTPStatus
+from typing import Any
 
 import aiohttp
 import bentoml
@@ -51,6 +52,7 @@ from logic.protocol import (
     ChatMessage,
     CompletionRequest,
     GenerationChunk,
+    GenerationRequest,
     SamplingParams,
 )
 from logic.settings import get_settings
@@ -97,7 +99,7 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def _read_request(request: Request, schema: type[BaseModel] = ChatCompletionRequest):
+async def _read_request(request: Request, schema: type[GenerationRequest]) -> Any:
     raw = await _read_body(request)
     try:
         body = json.loads(raw)
@@ -135,13 +137,16 @@ async def _event_stream(first: BaseModel, rest: AsyncIterator[BaseModel]) -> Asy
     yield _sse("[DONE]")
 
 
-async def chat_completions(request: Request) -> Response:
-    chat: ChatCompletionService = request.app.state.chat
-    body = await _read_request(request)
+async def _respond(
+    body: GenerationRequest,
+    create: Callable[[Any], Awaitable[BaseModel]],
+    create_stream: Callable[[Any], AsyncIterator[BaseModel]],
+) -> Response:
+    """A whole JSON answer, or server-sent events when the request streams."""
     if not body.stream:
-        response = await chat.create(body)
+        response = await create(body)
         return JSONResponse(response.model_dump(mode="json"))
-    chunks = chat.create_stream(body)
+    chunks = create_stream(body)
     # Wait for the first chunk (the runner's first token) before sending headers, so a
     # runner failure is still a proper status code rather than a broken stream.
     first = await anext(chunks)
@@ -152,19 +157,16 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
+async def chat_completions(request: Request) -> Response:
+    chat: ChatCompletionService = request.app.state.chat
+    body = await _read_request(request, ChatCompletionRequest)
+    return await _respond(body, chat.create, chat.create_stream)
+
+
 async def completions(request: Request) -> Response:
     chat: ChatCompletionService = request.app.state.chat
     body = await _read_request(request, CompletionRequest)
-    if not body.stream:
-        response = await chat.create_completion(body)
-        return JSONResponse(response.model_dump(mode="json"))
-    chunks = chat.create_completion_stream(body)
-    first = await anext(chunks)  # as for chat: a runner failure is still a proper status
-    return StreamingResponse(
-        _event_stream(first, chunks),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return await _respond(body, chat.create_completion, chat.create_completion_stream)
 
 
 async def list_models(request: Request) -> Response:

@@ -50,6 +50,7 @@ from logic.protocol import (
     DeltaMessage,
     FinishReason,
     GenerationChunk,
+    GenerationRequest,
     ModelCard,
     ModelList,
     ResponseFormat,
@@ -139,42 +140,47 @@ class ChatCompletionService:
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedPrompt:
         """Everything before the runner; raises a 4xx :class:`APIError` on bad input."""
-        if request.model is not None and request.model != self.model_name:
-            raise ModelNotFoundError(request.model)
+        self._check(request)
         if request.top_logprobs and not request.logprobs:
             raise InvalidRequestError(
                 "'top_logprobs' requires 'logprobs' to be true.",
                 param="top_logprobs",
                 code="invalid_value",
             )
-        if request.user:
-            logger.info("request for user %r", request.user)
         conversation = self.pipeline.before(Conversation.from_messages(request.messages))
         messages = _with_format_instruction(conversation.messages, request.response_format)
         prompt_ids = self._files.tokenizer.encode(self._files.template.render(messages))
-        max_new_tokens = self._completion_budget(request, len(prompt_ids))
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
+        # Template markers leaking as plain text end the turn as surely as the EOS token.
+        stops = request.stop_strings + self._files.template_markers
+        return PreparedPrompt(
+            prompt_ids=prompt_ids,
+            params=self._sampling_params(request, len(prompt_ids)),
+            stop_strings=stops,
+            n=request.n,
+            response_format=request.response_format,
+        )
+
+    def _check(self, request: GenerationRequest) -> None:
+        """What both endpoints check first: the model, and the user to log."""
+        if request.model is not None and request.model != self.model_name:
+            raise ModelNotFoundError(request.model)
+        if request.user:
+            logger.info("request for user %r", request.user)
+
+    def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self._completion_budget(request, prompt_tokens),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
             stop_token_ids=self._files.stop_token_ids,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            logprobs=request.logprobs,
-            top_logprobs=request.top_logprobs or 0,
-        )
-        # Template markers leaking as plain text end the turn as surely as the EOS token.
-        stops = request.stop_strings + self._files.template_markers
-        return PreparedPrompt(
-            prompt_ids=prompt_ids,
-            params=params,
-            stop_strings=stops,
-            n=request.n,
-            response_format=request.response_format,
+            logprobs=request.wants_logprobs,
+            top_logprobs=request.top_logprob_count,
         )
 
-    def _completion_budget(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
+    def _completion_budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
         window = self._files.context_length
         if prompt_tokens >= window:
             raise InvalidRequestError(
@@ -185,11 +191,14 @@ class ChatCompletionService:
                 code="context_length_exceeded",
             )
         requested = request.requested_max_tokens
-        completion_tokens_param = getattr(request, "max_completion_tokens", None)
         if requested is None:
             return min(self._settings.default_max_tokens, window - prompt_tokens)
         if prompt_tokens + requested > window:
-            param = "max_completion_tokens" if completion_tokens_param else "max_tokens"
+            param = (
+                "max_completion_tokens"
+                if getattr(request, "max_completion_tokens", None)
+                else "max_tokens"
+            )
             raise InvalidRequestError(
                 f"This model's maximum context length is {window} tokens. However, you "
                 f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the "
@@ -280,15 +289,20 @@ class ChatCompletionService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        """A whole answer (``n`` of them)."""
-        prepared = self.prepare(request)
+    async def _collect(self, prepared: PreparedPrompt) -> list[_Choice]:
+        """Every choice, whole."""
         choices = [_Choice(index) for index in range(prepared.n)]
         async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
             async for choice, text, entries in pieces:
                 if text is not None:
                     choice.text.append(text)
                     choice.logprobs += entries
+        return choices
+
+    async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        """A whole answer (``n`` of them)."""
+        prepared = self.prepare(request)
+        choices = await self._collect(prepared)
         return ChatCompletionResponse(
             model=self.model_name,
             system_fingerprint=self._fingerprint,
@@ -310,9 +324,7 @@ class ChatCompletionService:
 
     def create_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Validates now (so bad input fails before any byte is sent), then streams chunks."""
-        prepared = self.prepare(request)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._stream(prepared, include_usage, request.logprobs)
+        return self._stream(self.prepare(request), request.include_usage, request.logprobs)
 
     async def _stream(
         self, prepared: PreparedPrompt, include_usage: bool, logprobs: bool
@@ -372,26 +384,15 @@ class ChatCompletionService:
 
     def prepare_completion(self, request: CompletionRequest) -> PreparedPrompt:
         """``/v1/completions``: the prompt is raw text, no template, no system prompt."""
-        if request.model is not None and request.model != self.model_name:
-            raise ModelNotFoundError(request.model)
-        if request.user:
-            logger.info("request for user %r", request.user)
+        self._check(request)
         prompt_ids = self._files.tokenizer.encode(request.text)
         if not prompt_ids:
             raise InvalidRequestError("'prompt' is empty.", param="prompt", code="invalid_value")
-        params = SamplingParams(
-            max_new_tokens=self._completion_budget(request, len(prompt_ids)),
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            seed=request.seed,
-            stop_token_ids=self._files.stop_token_ids,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            logprobs=request.logprobs is not None,
-            top_logprobs=request.logprobs or 0,
-        )
         return PreparedPrompt(
-            prompt_ids=prompt_ids, params=params, stop_strings=request.stop_strings, n=request.n
+            prompt_ids=prompt_ids,
+            params=self._sampling_params(request, len(prompt_ids)),
+            stop_strings=request.stop_strings,
+            n=request.n,
         )
 
     @staticmethod
@@ -407,12 +408,7 @@ class ChatCompletionService:
 
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse:
         prepared = self.prepare_completion(request)
-        choices = [_Choice(index) for index in range(prepared.n)]
-        async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
-            async for choice, text, entries in pieces:
-                if text is not None:
-                    choice.text.append(text)
-                    choice.logprobs += entries
+        choices = await self._collect(prepared)
         offset = len(request.text)
         return CompletionResponse(
             model=self.model_name,
@@ -436,12 +432,10 @@ class ChatCompletionService:
     def create_completion_stream(
         self, request: CompletionRequest
     ) -> AsyncIterator[CompletionResponse]:
-        prepared = self.prepare_completion(request)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._completion_stream(prepared, request, include_usage)
+        return self._completion_stream(self.prepare_completion(request), request)
 
     async def _completion_stream(
-        self, prepared: PreparedPrompt, request: CompletionRequest, include_usage: bool
+        self, prepared: PreparedPrompt, request: CompletionRequest
     ) -> AsyncIterator[CompletionResponse]:
         choices = [_Choice(index) for index in range(prepared.n)]
         completion_id, created = new_text_completion_id(), int(time.time())
@@ -473,7 +467,7 @@ class ChatCompletionService:
                     yield chunk(
                         [CompletionChoice(index=choice.index, text=text, logprobs=logprobs)]
                     )
-        if include_usage:
+        if request.include_usage:
             yield chunk([], _usage(len(prepared.prompt_ids), choices))
 
 

@@ -133,15 +133,13 @@ ResponseFormat = Annotated[
 ]
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Unknown fields are refused."""
+class GenerationRequest(BaseModel):
+    """What both completion endpoints accept besides their prompt. Unknown fields are
+    refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -151,10 +149,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: Annotated[str, Field(max_length=256)] | None = None  # logged, for abuse tracing
-    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -172,33 +167,41 @@ class ChatCompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
 
-class CompletionRequest(BaseModel):
+    @property
+    def top_logprob_count(self) -> int:
+        return self.top_logprobs or 0
+
+
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: raw text in, its continuation out (no chat template).
 
-    Unknown fields (``echo``, ``suffix``, ``best_of``, ``logit_bias``) are refused."""
-
-    model_config = ConfigDict(extra="forbid")
+    ``echo``, ``suffix``, ``best_of`` and ``logit_bias`` are refused as unknown fields."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    model: str | None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logprobs: int | None = Field(None, ge=0, le=5)  # this endpoint's form: top-k alternatives
-    user: Annotated[str, Field(max_length=256)] | None = None
-
-    _stop_not_empty = field_validator("stop")(ChatCompletionRequest._stop_not_empty.__func__)
 
     @property
     def text(self) -> str:
@@ -209,10 +212,12 @@ class CompletionRequest(BaseModel):
         return self.max_tokens
 
     @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None  # 0: the chosen tokens' logprobs, no alternatives
+
+    @property
+    def top_logprob_count(self) -> int:
+        return self.logprobs or 0
 
 
 # ---------------------------------------------------------------- responses

@@ -120,10 +120,6 @@ class Settings(BaseSettings):
         """The name exposed to clients."""
         return self.served_model_name or self.model.split(":", 1)[0]
 
-    @property
-    def effective_system_prompt(self) -> str | None:
-        return self.system_prompt or None
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
