@@ -361,14 +361,8 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--url", action="append", default=[], help="[NAME=]URL[#MODEL] (repeatable)"
-    )
-    parser.add_argument(
-        "--scenario", action="append", choices=["throughput", "latency", "drop"], default=[]
-    )
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload and scenario sizes, the same for ``bench.serving`` and ``bench.suite``."""
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--latency-requests", type=int, default=8)
@@ -377,6 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--url", action="append", default=[], help="[NAME=]URL[#MODEL] (repeatable)"
+    )
+    parser.add_argument(
+        "--scenario", action="append", choices=["throughput", "latency", "drop"], default=[]
+    )
+    add_workload_arguments(parser)
     parser.add_argument("--baselines", metavar="MODEL_DIR", help="also run in-process generate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for baselines")
     parser.add_argument("--out", default="bench-results/serving.json")

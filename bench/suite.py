@@ -36,6 +36,7 @@ from pathlib import Path
 from bench.serving import (
     Target,
     WorkItem,
+    add_workload_arguments,
     latency_ratio,
     make_workload,
     run_baselines,
@@ -117,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model store tag")
     parser.add_argument("--service", default="service:ChatAPI")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--latency-requests", type=int, default=8)
-    parser.add_argument("--drop-streams", type=int, default=16)
-    parser.add_argument("--drop-tokens", type=int, default=1000)
-    parser.add_argument("--min-tokens", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_arguments(parser)
     parser.add_argument("--port", type=int, default=3900)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-static", action="store_true", help="no static-batch baseline")
