@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -46,13 +48,20 @@ class FakeRunner:
         return response
 
 
-async def serve(fake: FakeRunner, path: Path) -> web.AppRunner:
+@contextlib.asynccontextmanager
+async def client_of(fake: FakeRunner, path: Path) -> AsyncIterator[RunnerClient]:
+    """``fake`` served on a Unix socket at ``path``, and a client pointed at it."""
     app = web.Application()
     app.router.add_post("/generate", fake.generate)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
-    return runner
+    client = RunnerClient(f"file://{path}", timeout=30)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -61,18 +70,13 @@ def socket_path(tmp_path_factory) -> Path:
 
 
 def test_streams_chunks_over_a_unix_socket(socket_path):
-    async def run():
-        fake = FakeRunner(tokens=5)
-        server = await serve(fake, socket_path)
-        client = RunnerClient(f"file://{socket_path}", timeout=30)
-        try:
-            chunks = [c async for c in client.generate([1, 2, 3], PARAMS)]
-        finally:
-            await client.close()
-            await server.cleanup()
-        return fake, chunks
+    fake = FakeRunner(tokens=5)
 
-    fake, chunks = asyncio.run(run())
+    async def run():
+        async with client_of(fake, socket_path) as client:
+            return [c async for c in client.generate([1, 2, 3], PARAMS)]
+
+    chunks = asyncio.run(run())
     assert [c.token_ids[0] for c in chunks] == [0, 1, 2, 3, 4]
     assert chunks[-1].finish_reason == "length"
     assert fake.received[0]["prompt_ids"] == [1, 2, 3]
@@ -81,35 +85,26 @@ def test_streams_chunks_over_a_unix_socket(socket_path):
 
 def test_an_error_line_raises(socket_path):
     async def run():
-        server = await serve(FakeRunner(tokens=5, error_after=2), socket_path)
-        client = RunnerClient(f"file://{socket_path}", timeout=30)
-        try:
+        async with client_of(FakeRunner(tokens=5, error_after=2), socket_path) as client:
             with pytest.raises(RunnerGenerationError, match="generation failed"):
                 async for _ in client.generate([1], PARAMS):
                     pass
-        finally:
-            await client.close()
-            await server.cleanup()
 
     asyncio.run(run())
 
 
 def test_closing_the_stream_hangs_up_on_the_runner(socket_path):
+    fake = FakeRunner(tokens=1000)
+
     async def run():
-        fake = FakeRunner(tokens=1000)
-        server = await serve(fake, socket_path)
-        client = RunnerClient(f"file://{socket_path}", timeout=30)
-        try:
+        async with client_of(fake, socket_path) as client:
             stream = client.generate([1], PARAMS)
             await anext(stream)
             await stream.aclose()
             await asyncio.wait_for(fake.hung_up.wait(), timeout=5)
-        finally:
-            await client.close()
-            await server.cleanup()
-        return fake.sent
 
-    assert asyncio.run(run()) < 100  # the runner stopped long before its 1,000 tokens
+    asyncio.run(run())
+    assert fake.sent < 100  # the runner stopped long before its 1,000 tokens
 
 
 def test_lines_split_inside_a_multibyte_character_are_read_whole():
