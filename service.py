@@ -67,7 +67,8 @@ settings = get_settings()
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=error.status_code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
 async def _handle_api_error(request: Request, exc: Exception) -> Response:
@@ -210,9 +211,7 @@ class Gate:
         elif self.in_flight >= settings.max_concurrent_requests:
             error = RateLimitError(settings.max_concurrent_requests)
         if error is not None:
-            headers = {"Retry-After": "1"} if error.status_code == 429 else None
-            response = JSONResponse(error.to_body(), error.status_code, headers=headers)
-            return await response(scope, receive, send)
+            return await _error_response(error)(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
@@ -330,9 +329,15 @@ _RUNNER_TRANSPORT_ERRORS = (
 
 @bentoml.asgi_app(api_app, path="/v1")
 @bentoml.service(
-    resources={"cpu": "1"},
+    resources={"cpu": settings.api_cpu, "memory": settings.api_memory},
     workers=settings.api_workers,
     traffic={"timeout": settings.api_timeout},
+    # BentoML's own probe answers 500 when the runner refuses connections; __is_ready__ below
+    # does the check instead, and only where the settings ask for it.
+    runner_probe={"enabled": False},
+    # Recorded in the Bento at build time: the image serves the model it was built with.
+    labels={"model": settings.model},
+    envs=[{"name": "LLM_MODEL", "value": settings.model}],
 )
 class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
@@ -347,14 +352,36 @@ class ChatAPI(NativeAPI):
         self._client = self._runner_client()
 
     def _runner_client(self) -> RunnerClient | None:
-        """Our own HTTP client for the runner's URL (see runners/client.py for why), or None
-        when BentoML runs the runner in this process (no runner mapping, e.g. ``to_asgi``)."""
-        self.runner  # noqa: B018 - resolving the dependency records the runner's URL
-        url = getattr(inspect.getattr_static(type(self), "runner"), "url", None)
+        """Our own HTTP client for the runner's URL (see runners/client.py for why).
+
+        The URL is the runner process ``bentoml serve`` started, or the one given with
+        ``--depends LLMRunner=URL`` when the runner runs elsewhere. Without one, BentoML would
+        build the runner inside this process: that is allowed only outside a server (tests with
+        ``to_asgi``); a served API without a runner URL refuses to start rather than load the
+        model onto a CPU worker.
+        """
+        url = _runner_url(type(self))
         if not url:
+            if bentoml.server_context.worker_index is not None:
+                raise RuntimeError(
+                    "ChatAPI has no runner URL. Serve both with `bentoml serve service:ChatAPI`, "
+                    "or point this API at a runner with `--depends LLMRunner=http://HOST:PORT` "
+                    "(see README, Remote topology); `service:Monolith` runs the model in-process."
+                )
+            self.runner  # noqa: B018 - BentoML builds the runner here, in this process
             return None
         logger.info("runner at %s", url)
-        return RunnerClient(url, timeout=settings.runner_timeout)
+        return RunnerClient(
+            url, timeout=settings.runner_timeout, connect_timeout=settings.runner_connect_timeout
+        )
+
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: this API is up and, unless ``LLM_READY_REQUIRES_RUNNER=false``, so is
+        the runner it points at. ``/livez`` never looks at the runner: a runner that is away
+        must not get the API restarted."""
+        if self._client is None or not settings.ready_requires_runner:
+            return True
+        return await self._client.ready()
 
     @bentoml.on_shutdown
     async def _close_runner_client(self) -> None:
@@ -375,6 +402,17 @@ class ChatAPI(NativeAPI):
         except _RUNNER_TRANSPORT_ERRORS as exc:
             logger.warning("runner unavailable: %s", exc)
             raise RunnerUnavailableError() from exc
+
+
+def _runner_url(service: type) -> str | None:
+    """Where the runner dependency points, without resolving it: its own ``url``, else the
+    runner mapping that ``bentoml serve`` (and ``--depends``) hands each worker, which is
+    what ``bentoml.depends`` itself reads. None: BentoML would build the runner in-process."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    dependency = inspect.getattr_static(service, "runner")
+    mapping = BentoMLContainer.remote_runner_mapping.get()
+    return dependency.url or mapping.get(dependency.on.name)
 
 
 # ---------------------------------------------------------------- monolith: one process

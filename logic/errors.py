@@ -17,6 +17,8 @@ class APIError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    # Seconds a client should wait before retrying (the Retry-After header), when it should.
+    retry_after: int | None = None
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class RunnerUnavailableError(APIError):
 
     status_code = 503
     error_type = "service_unavailable"
+    retry_after = 2
 
     def __init__(self, message: str = "The model runner is unavailable; retry shortly."):
         super().__init__(message, code="runner_unavailable")
@@ -101,6 +104,7 @@ class RateLimitError(APIError):
 
     status_code = 429
     error_type = "rate_limit_error"
+    retry_after = 1
 
     def __init__(self, limit: int):
         super().__init__(

@@ -75,15 +75,34 @@ class Settings(BaseSettings):
         256, ge=1, description="Requests one API worker serves at once (more get a 429)."
     )
 
-    # API service resources.
+    # API service resources (recorded in the Bento; BentoCloud and the manifests size pods by them).
     api_workers: int = Field(2, ge=1, description="API service worker processes.")
+    api_cpu: str = Field("2", description="CPU the API service asks for, e.g. 2 or 500m.")
+    api_memory: str = Field("2Gi", description="Memory the API service asks for.")
     api_timeout: int = Field(300, ge=1, description="API request timeout in seconds.")
 
     # Runner resources and device.
     runner_gpu_type: str | None = Field(
         None, description="GPU type for the runner on BentoCloud, e.g. nvidia-l4."
     )
+    runner_memory: str = Field("16Gi", description="Memory the runner asks for (host RAM).")
+    runner_concurrency: int = Field(
+        64,
+        ge=1,
+        description="Requests one runner replica is sized for: BentoCloud adds replicas above it.",
+    )
     runner_timeout: int = Field(300, ge=1, description="Runner request timeout in seconds.")
+    ready_requires_runner: bool = Field(
+        True,
+        description="The API's /readyz also waits for the runner's. Turn off where the runner "
+        "is placed or scaled apart (Kubernetes, scale to zero): the API then stays in rotation "
+        "and answers 503 itself while no runner is up.",
+    )
+    runner_connect_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the API waits to connect to the runner before answering 503.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when a GPU is present, else cpu."
     )

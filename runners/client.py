@@ -13,6 +13,7 @@ No torch here: the API process imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlparse
@@ -51,11 +52,14 @@ class RunnerClient:
     """Streams ``generate`` from a runner at ``url``: ``http(s)://host:port``, ``tcp://host:port``
     or ``file:///path/to.sock`` (what ``bentoml serve`` hands its services)."""
 
-    def __init__(self, url: str, *, timeout: float):
+    def __init__(self, url: str, *, timeout: float, connect_timeout: float = 5.0):
         self.url = url
         # No limit on a whole stream (a long answer is not a failure); ``timeout`` bounds the
-        # wait for each next piece, queueing in the runner included.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
+        # wait for each next piece, queueing in the runner included. ``connect_timeout`` bounds
+        # how long a request waits on a runner host that does not answer at all.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=timeout
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _make_session(self) -> aiohttp.ClientSession:
@@ -92,6 +96,16 @@ class RunnerClient:
                 yield chunk
         finally:
             response.close()  # unread body: drop the connection, so the runner hears it
+
+    async def ready(self, timeout: float = 2.0) -> bool:
+        """Whether the runner answers its ``/readyz`` with a 200 within ``timeout`` seconds."""
+        try:
+            async with self.session.get(
+                "/readyz", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
 
     async def close(self) -> None:
         if self._session is not None:

@@ -346,6 +346,11 @@ class GenerationEngine:
         self._thread.join(timeout)
 
     @property
+    def closed(self) -> bool:
+        """True once the engine is shut down or its scheduler died: it takes no more requests."""
+        return self._closed
+
+    @property
     def running(self) -> int:
         return len(self._running)
 

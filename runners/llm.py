@@ -44,7 +44,42 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
     )
 
 
-_resources: dict[str, object] = {"gpu": 1}
+def engine_metrics(engine: GenerationEngine) -> str:
+    """The engine's load in Prometheus text format, for autoscalers and dashboards.
+
+    ``llm_runner_requests_in_flight`` (running + waiting) is what the Kubernetes
+    HorizontalPodAutoscaler of the runner scales on.
+    """
+    stats = engine.stats
+    series = [
+        ("requests_running", "gauge", "Sequences in the running batch.", engine.running),
+        ("requests_waiting", "gauge", "Requests queued for a batch slot.", engine.waiting),
+        (
+            "requests_in_flight",
+            "gauge",
+            "Requests running or waiting: the runner's autoscaling metric.",
+            engine.running + engine.waiting,
+        ),
+        ("batch_slots", "gauge", "Most sequences in one step.", engine.max_batch_size),
+        ("engine_up", "gauge", "1 while the engine takes requests, 0 once it stopped.",
+         int(not engine.closed)),
+        ("steps_total", "counter", "Forward steps run.", stats.steps),
+        ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prefill_tokens),
+        ("decode_tokens_total", "counter", "Tokens decoded after each first.", stats.decode_tokens),
+        ("requests_finished_total", "counter", "Requests that ran to the end.", stats.finished),
+        ("requests_cancelled_total", "counter", "Requests whose client left.", stats.cancelled),
+    ]  # fmt: skip
+    lines = []
+    for name, kind, help_text, value in series:
+        lines += [
+            f"# HELP llm_runner_{name} {help_text}",
+            f"# TYPE llm_runner_{name} {kind}",
+            f"llm_runner_{name} {value}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+_resources: dict[str, object] = {"gpu": 1, "memory": settings.runner_memory}
 if settings.runner_gpu_type:
     _resources["gpu_type"] = settings.runner_gpu_type
 
@@ -52,13 +87,25 @@ if settings.runner_gpu_type:
 @bentoml.service(
     resources=_resources,
     workers=1,  # one process owns the device and schedules all requests on it
-    traffic={"timeout": settings.runner_timeout},
+    traffic={"timeout": settings.runner_timeout, "concurrency": settings.runner_concurrency},
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
         self.engine = create_engine(self.model.path)
+
+    def __is_alive__(self) -> bool:
+        """``/livez``: False once the engine's scheduler died, so an orchestrator restarts us."""
+        return not self.engine.closed
+
+    def __is_ready__(self) -> bool:
+        """``/readyz``: the model is loaded (``__init__`` returned) and the engine runs."""
+        return not self.engine.closed
+
+    def __metrics__(self, content: str) -> str:
+        """``/metrics``: BentoML's own series, then the engine's load."""
+        return content + engine_metrics(self.engine)
 
     @bentoml.api
     async def generate(

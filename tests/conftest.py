@@ -33,7 +33,7 @@ os.environ["LLM_API_WORKERS"] = "2"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         folder = Path(str(item.fspath)).parent.name
-        if folder in {"e2e", "build"}:
+        if folder in {"e2e", "deploy"}:
             item.add_marker(folder)
 
 

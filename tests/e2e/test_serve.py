@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,16 +18,9 @@ import pytest
 
 from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
+from tests.served import BENTOML, ServedProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def default_model_in_store() -> bool:
@@ -44,40 +32,16 @@ def server(request) -> Iterator[tuple[str, psutil.Process]]:
     """`bentoml serve` of the split topology (ChatAPI + LLMRunner), then of the monolith."""
     if not default_model_in_store():
         pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true")
-    log = tempfile.TemporaryFile()  # noqa: SIM115 -- read back if start-up fails; closed below
-    proc = subprocess.Popen(
-        [BENTOML, "serve", f"service:{request.param}", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    served = ServedProcess(
+        [BENTOML, "serve", f"service:{request.param}"], port=free_port(), env=env
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"bentoml serve exited during start-up:\n{log.read().decode()[-3000:]}")
-            assert time.monotonic() < deadline, "bentoml serve was not ready within 180 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        yield url, psutil.Process(proc.pid)
+        served.start()
+        yield served.url, served.process
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        served.close()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,10 @@ class FakeRunner:
         self.received: list[dict] = []
         self.hung_up = asyncio.Event()
         self.sent = 0
+        self.ready_status = 200
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.ready_status)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.received.append(await request.json())
@@ -53,6 +57,7 @@ async def client_of(fake: FakeRunner, path: Path) -> AsyncIterator[RunnerClient]
     """``fake`` served on a Unix socket at ``path``, and a client pointed at it."""
     app = web.Application()
     app.router.add_post("/generate", fake.generate)
+    app.router.add_get("/readyz", fake.readyz)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
@@ -123,3 +128,21 @@ def test_lines_split_inside_a_multibyte_character_are_read_whole():
 
     with pytest.raises(RunnerGenerationError, match="caf\u00e9 failed"):
         asyncio.run(run())
+
+
+def test_readiness_follows_the_runner_and_a_missing_runner_is_not_ready(socket_path):
+    fake = FakeRunner(tokens=1)
+
+    async def run():
+        async with client_of(fake, socket_path) as client:
+            up = await client.ready()
+            fake.ready_status = 503  # loading, or its engine stopped
+            loading = await client.ready()
+        absent = RunnerClient(f"file://{socket_path}", timeout=30)  # nobody listens now
+        try:
+            gone = await absent.ready(timeout=1)
+        finally:
+            await absent.close()
+        return up, loading, gone
+
+    assert asyncio.run(run()) == (True, False, False)

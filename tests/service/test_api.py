@@ -275,8 +275,9 @@ def test_requests_over_the_concurrency_limit_get_a_429(client, monkeypatch):
         model="tiny-chat", messages=USER, max_tokens=50, temperature=0, stream=True
     )
     next(iter(stream))  # one request in flight
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as refused:
         api.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=2)
+    assert refused.value.response.headers["retry-after"] == "1"
     stream.close()
 
 
@@ -374,3 +375,4 @@ def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch):
         resp = client.post("/v1/chat/completions", json=body)
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "runner_unavailable"
+        assert int(resp.headers["retry-after"]) > 0

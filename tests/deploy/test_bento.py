@@ -1,0 +1,109 @@
+"""The Bento: what `bentoml build` records, what its lock installs, and what the image that
+`bentoml containerize` would build holds. No Docker engine runs here, so the image itself is
+not built; its Dockerfile and build context are generated exactly as `containerize` does."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import requires, version
+from pathlib import Path
+
+import bentoml
+import yaml
+from packaging.requirements import Requirement
+
+from tests.conftest import TINY_MODEL
+from tests.deploy.conftest import BuiltBento
+from tests.served import ROOT
+
+# Needed only to import GGUF files into the model store, never in the image.
+IMPORT_ONLY = {"gguf", "accelerate"}
+
+
+def _runtime_requirements() -> dict[str, Requirement]:
+    """pyproject.toml's dependencies, as the installed project declares them (no extras)."""
+    requirements = (Requirement(spec) for spec in requires("llm-bundle") or [])
+    return {r.name: r for r in requirements if r.marker is None and r.name not in IMPORT_ONLY}
+
+
+def test_bentofile_packages_are_the_projects_runtime_dependencies():
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    packed = {r.name: r for r in map(Requirement, bentofile["python"]["packages"])}
+    expected = _runtime_requirements()
+    del expected["bentoml"]  # `bentoml build` adds the version that built the Bento
+    assert {n: str(r) for n, r in packed.items()} == {n: str(r) for n, r in expected.items()}
+
+
+def test_the_bento_records_services_resources_model_labels_and_envs(
+    bento: BuiltBento, tiny_model_tag: str
+):
+    manifest = bento.manifest
+    assert manifest["entry_service"] == "ChatAPI"
+    services = {s["name"]: s for s in manifest["services"]}
+    assert set(services) == {"ChatAPI", "LLMRunner"}
+
+    api, runner = services["ChatAPI"], services["LLMRunner"]
+    assert api["dependencies"] == [{"service": "LLMRunner"}]
+    assert api["config"]["resources"] == {"cpu": "2", "memory": "2Gi"}  # defaults
+    assert api["config"]["workers"] == 3  # LLM_API_WORKERS at build time
+    assert runner["config"]["resources"] == {"gpu": 1, "gpu_type": "nvidia-l4", "memory": "24Gi"}
+    assert runner["config"]["workers"] == 1
+    assert runner["config"]["traffic"]["concurrency"] == 64
+    for service in (api, runner):  # the exact model version, not "latest"
+        assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
+
+    labels = manifest["labels"]
+    assert labels["model"] == TINY_MODEL and labels["stage"] == "test" and labels["owner"]
+    assert {e["name"]: e["value"] for e in manifest["envs"]}["LLM_MODEL"] == TINY_MODEL
+    description = (bento.path / "README.md").read_text()  # the bentofile's description
+    assert "LLMRunner" in description and "ChatAPI" in description
+
+    packed = {p.relative_to(bento.path / "src").as_posix() for p in (bento.path / "src").rglob("*")}
+    assert {"service.py", "logic/chat.py", "runners/llm.py", "runners/engine.py"} <= packed
+    assert not any(p.startswith(("tests", "bench", "deploy", ".venv")) for p in packed)
+
+
+def test_the_lock_holds_a_cuda_build_of_torch_and_every_runtime_dependency(bento: BuiltBento):
+    lock = (bento.path / "env" / "python" / "requirements.txt").read_text()
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M))
+    pinned = {name.lower().replace("_", "-"): v for name, v in pinned.items()}
+    for name, requirement in _runtime_requirements().items():
+        assert name in pinned, f"{name} is not in the Bento's lock"
+        assert requirement.specifier.contains(pinned[name]), (name, pinned[name])
+    assert pinned["bentoml"] == version("bentoml")
+    # PyPI's linux torch is the CUDA build: its CUDA runtime and cuDNN come as wheels.
+    assert any(n.startswith("nvidia-cuda-runtime") for n in pinned), "torch is not a CUDA build"
+    assert any(n.startswith("nvidia-cudnn") for n in pinned)
+
+
+def test_the_image_packs_the_model_and_its_entrypoint_serves_either_service(
+    bento: BuiltBento, tiny_model_tag: str
+):
+    from bentoml._internal.container import construct_containerfile
+
+    stored = bentoml.bentos.get(bento.tag)
+    # The build context and Dockerfile `bentoml containerize` hands to Docker.
+    with construct_containerfile(stored, enable_buildkit=True) as (context, dockerfile_path):
+        context = Path(context)
+        dockerfile = Path(dockerfile_path).read_text()
+        entrypoint = (context / "env" / "docker" / "entrypoint.sh").read_text()
+        name, model_version = tiny_model_tag.split(":")
+        packed_model = context / "models" / name / model_version
+        packed_files = {p.name for p in packed_model.rglob("*")}
+        lock_in_context = (context / "env" / "python" / "requirements.txt").is_file()
+
+    assert {"model.yaml", "config.json", "tokenizer.json"} <= packed_files
+    assert any(f.endswith(".safetensors") for f in packed_files)
+    assert lock_in_context
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    # The model the Bento was built with is the one the image serves.
+    assert re.search(rf"^ARG LLM_MODEL={TINY_MODEL}$", dockerfile, re.M)
+    assert re.search(r"^ENV LLM_MODEL=\$LLM_MODEL$", dockerfile, re.M)
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    assert re.search(r"^COPY --chown=bentoml:bentoml \. \./$", dockerfile, re.M)  # src, models
+    assert re.search(r"^EXPOSE 3000$", dockerfile, re.M)
+    assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in dockerfile
+    # No arguments: `bentoml serve` of the Bento (API and runner). `start-http-server ...`:
+    # one service, which is how the README runs the runner and the API on separate hosts.
+    assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in entrypoint
+    assert 'bentoml_cli._internal.start "${@:1}" "$BENTO_PATH"' in entrypoint

@@ -1,0 +1,92 @@
+"""A BentoML server in a subprocess (its own process group), for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+# What a Bento container's entrypoint runs for `start-http-server`: one service of a Bento,
+# with `--service-name`, or the entry service pointed at remote dependencies with `--depends`.
+START_HTTP_SERVER = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServedProcess:
+    """``command`` listening on ``port``; ``start`` waits for its ``/readyz``."""
+
+    def __init__(self, command: list[str], *, port: int, env: dict[str, str], cwd: Path = ROOT):
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(port)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.env, self.cwd = env, cwd
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- read back on failure, closed in stop
+
+    @property
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def launch(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.command} exited during start-up:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.url} was not ready in {timeout} s:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+
+    def start(self, timeout: float = 180) -> ServedProcess:
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM to the whole process group, SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
