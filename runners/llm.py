@@ -15,15 +15,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bentoml
+import yaml
 
 from logic.protocol import SamplingParams
-from logic.settings import get_settings
+from logic.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from runners.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
+
+
+def pin_bento_model(settings: Settings, here: Path = Path(__file__)) -> None:
+    """Inside a built Bento, serve the exact model version it recorded at build time.
+
+    A Bento lists its models by exact tag, but ``BentoModel("name")`` would take the newest
+    ``name`` in the store; and a runner served alone (``--service-name LLMRunner``) does not
+    get the env the Bento recorded. So when this file runs from ``<bento>/src/runners/`` and
+    ``LLM_MODEL`` is not set, the runner's model in ``<bento>/bento.yaml`` is the one served.
+    """
+    bento_manifest = here.resolve().parents[2] / "bento.yaml"
+    if "model" in settings.model_fields_set or here.resolve().parents[1].name != "src":
+        return
+    if not bento_manifest.is_file():
+        return
+    manifest = yaml.safe_load(bento_manifest.read_text())
+    for service in manifest.get("services") or []:
+        if service.get("name") == "LLMRunner" and service.get("models"):
+            settings.model = service["models"][0]["tag"]
+
+
 settings = get_settings()
+pin_bento_model(settings)
 
 
 def create_engine(model_path: str | Path) -> GenerationEngine:

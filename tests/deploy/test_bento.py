@@ -107,3 +107,31 @@ def test_the_image_packs_the_model_and_its_entrypoint_serves_either_service(
     # one service, which is how the README runs the runner and the API on separate hosts.
     assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in entrypoint
     assert 'bentoml_cli._internal.start "${@:1}" "$BENTO_PATH"' in entrypoint
+
+
+def test_a_bento_serves_the_model_version_it_recorded_unless_llm_model_says_otherwise(
+    tmp_path, monkeypatch
+):
+    from logic.settings import Settings
+    from runners.llm import pin_bento_model
+
+    module = tmp_path / "bento" / "src" / "runners" / "llm.py"
+    module.parent.mkdir(parents=True)
+    services = [
+        {"name": "ChatAPI", "models": [{"tag": "other:1"}]},
+        {"name": "LLMRunner", "models": [{"tag": "chat-model:abc123"}]},
+    ]
+    (tmp_path / "bento" / "bento.yaml").write_text(yaml.safe_dump({"services": services}))
+
+    monkeypatch.delenv("LLM_MODEL")
+    from_bento = Settings()
+    pin_bento_model(from_bento, here=module)
+    assert from_bento.model == "chat-model:abc123" and from_bento.model_name == "chat-model"
+
+    chosen = Settings(model="chat-model:def456")  # as LLM_MODEL would set it
+    pin_bento_model(chosen, here=module)
+    assert chosen.model == "chat-model:def456"
+
+    from_source = Settings()  # a source tree: no <bento>/bento.yaml above it
+    pin_bento_model(from_source, here=ROOT / "runners" / "llm.py")
+    assert from_source.model == from_source.model_fields["model"].default
