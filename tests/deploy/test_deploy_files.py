@@ -1,0 +1,187 @@
+"""The deployment files in deploy/: Kubernetes manifests against Kubernetes' own object
+schemas (strict: unknown fields fail), the BentoCloud config against the schema `bentoml
+deploy` structures it with, and all of them against what the Bento really serves."""
+
+from __future__ import annotations
+
+import types
+import typing
+
+import attrs
+import kubernetes_validate
+import pytest
+import yaml
+
+from runners.llm import engine_metrics
+from tests.served import ROOT
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+SERVICES = {"ChatAPI", "LLMRunner"}
+
+
+def _k8s_objects() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    objects = []
+    for resource in kustomization["resources"]:
+        objects += [doc for doc in yaml.safe_load_all((K8S / resource).read_text()) if doc]
+    return objects
+
+
+def _one(objects: list[dict], kind: str, name: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def _container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_kustomization_lists_every_manifest_in_the_folder():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {
+        "kustomization.yaml",
+        "prometheus-adapter-values.yaml",  # Helm values for the adapter, not an object
+    }
+    assert set(kustomization["resources"]) == manifests
+
+
+@pytest.mark.parametrize(
+    "obj", _k8s_objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}"
+)
+def test_each_manifest_is_a_valid_kubernetes_object(obj):
+    version = kubernetes_validate.utils.latest_version()
+    kubernetes_validate.validate(obj, version, strict=True)  # raises on any violation
+
+
+def test_a_manifest_with_an_unknown_field_is_refused():
+    """The schema check is not a formality: a misspelt field fails it."""
+    deployment = _one(_k8s_objects(), "Deployment", "llm-runner")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.utils.latest_version(), True)
+
+
+def test_api_and_runner_are_two_deployments_of_one_image_wired_by_the_runner_service():
+    objects = _k8s_objects()
+    api, runner = (_one(objects, "Deployment", n) for n in ("llm-api", "llm-runner"))
+    assert _container(api)["image"] == _container(runner)["image"]
+
+    assert _container(runner)["args"][:3] == ["start-http-server", "--service-name", "LLMRunner"]
+    api_args = _container(api)["args"]
+    depends = api_args[api_args.index("--depends") + 1]
+    name, url = depends.split("=", 1)
+    assert name == "LLMRunner"
+    service = _one(objects, "Service", "llm-runner")
+    assert url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    for deployment in (api, runner):  # each Service selects its Deployment's pods
+        name = deployment["metadata"]["name"]
+        selector = _one(objects, "Service", name)["spec"]["selector"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+
+
+def test_the_runner_gets_a_gpu_node_and_both_have_probes_and_resource_requests():
+    objects = _k8s_objects()
+    runner = _one(objects, "Deployment", "llm-runner")
+    pod = runner["spec"]["template"]["spec"]
+    assert _container(runner)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    for name in ("llm-api", "llm-runner"):
+        container = _container(_one(objects, "Deployment", name))
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    api_env = {e["name"]: e for e in _container(_one(objects, "Deployment", "llm-api"))["env"]}
+    assert api_env["LLM_READY_REQUIRES_RUNNER"]["value"] == "false"
+    assert api_env["LLM_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
+    objects = _k8s_objects()
+    api_hpa, runner_hpa = (
+        _one(objects, "HorizontalPodAutoscaler", n) for n in ("llm-api", "llm-runner")
+    )
+    assert api_hpa["spec"]["scaleTargetRef"]["name"] == "llm-api"
+    assert api_hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+    assert runner_hpa["spec"]["scaleTargetRef"]["name"] == "llm-runner"
+    (metric,) = runner_hpa["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    stats = types.SimpleNamespace(
+        steps=0, prefill_tokens=0, decode_tokens=0, finished=0, cancelled=0
+    )
+    engine = types.SimpleNamespace(
+        running=3, waiting=2, max_batch_size=16, closed=False, stats=stats
+    )
+    exported = engine_metrics(engine).splitlines()
+    assert f"{name} 5" in exported  # the series the runner serves on /metrics
+    adapter = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [name]
+
+
+# ---------------------------------------------------------------- BentoCloud
+
+
+def _check_keys(value: typing.Any, hint: typing.Any, path: str) -> None:
+    """Every key of ``value`` is a field of the attrs class ``hint`` stands for (recursively)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        (hint,) = [a for a in args if a is not type(None)]
+        return _check_keys(value, hint, path)
+    if origin in (list, typing.List):  # noqa: UP006
+        for i, item in enumerate(value):
+            _check_keys(item, args[0], f"{path}[{i}]")
+    elif origin in (dict, typing.Dict) and isinstance(value, dict):  # noqa: UP006
+        for key, item in value.items():
+            _check_keys(item, args[1], f"{path}.{key}")
+    elif attrs.has(hint):
+        fields = typing.get_type_hints(hint)
+        for key, item in value.items():
+            assert key in fields, f"{path}.{key} is not a key BentoML accepts"
+            _check_keys(item, fields[key], f"{path}.{key}")
+
+
+def test_the_bentocloud_config_uses_only_keys_bentoml_deploy_accepts():
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+    from bentoml._internal.cloud.schemas.utils import cattr
+
+    config = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
+    # `bentoml deploy -f` reads name, bento and cluster itself; the rest is the schema.
+    body = {k: v for k, v in config.items() if k != "cluster"}
+    _check_keys(body, CreateDeploymentSchema, "config")
+    structured = cattr.structure(body, CreateDeploymentSchema)
+    assert set(structured.services) == SERVICES
+    runner = structured.services["LLMRunner"]
+    assert runner.scaling.min_replicas in (0, 1) and runner.scaling.max_replicas >= 1
+    assert structured.services["ChatAPI"].instance_type.startswith("cpu")
+    assert structured.secrets and structured.bento.startswith("llm-bundle")
+
+
+def test_the_key_check_refuses_a_misspelt_key():
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+
+    config = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
+    config["services"]["LLMRunner"]["scaling"]["max_replica"] = 3
+    with pytest.raises(AssertionError, match="max_replica"):
+        _check_keys(config, CreateDeploymentSchema, "config")
+
+
+# ---------------------------------------------------------------- docker compose
+
+
+def test_compose_runs_the_runner_on_a_gpu_and_the_api_pointed_at_it():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    runner, api = compose["services"]["runner"], compose["services"]["api"]
+    assert runner["image"] == api["image"]
+    assert runner["command"][:3] == ["start-http-server", "--service-name", "LLMRunner"]
+    depends = api["command"][api["command"].index("--depends") + 1]
+    assert depends == "LLMRunner=http://runner:3000"
+    (device,) = runner["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    assert api["depends_on"]["runner"]["condition"] == "service_healthy"
+    assert "/readyz" in " ".join(runner["healthcheck"]["test"])
+    assert api["ports"] == ["3000:3000"]
