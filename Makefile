@@ -13,7 +13,8 @@ export BENTOML_DO_NOT_TRACK := true
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve serve-monolith test lint format build bench
+.PHONY: install model serve serve-monolith serve-runner serve-api test lint format build \
+	containerize bench
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,8 +46,26 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# A versioned Bento of this tree and the model (LLM_MODEL); STAGE labels it.
+STAGE ?= dev
+IMAGE ?= llm-bundle:latest
 build: model
-	$(VENV)/bin/bentoml build
+	$(VENV)/bin/bentoml build --label stage=$(STAGE)
+
+# The image of the latest Bento (needs a Docker engine; tags it $(IMAGE)).
+containerize: build
+	$(VENV)/bin/bentoml containerize llm-bundle:latest -t $(IMAGE)
+
+# The remote topology from this tree: the runner alone, and the API alone pointed at a runner.
+# `make serve-runner` on the GPU host, `make serve-api RUNNER_URL=http://GPU-HOST:3001`.
+START := $(PY) -m bentoml_cli._internal.start start-http-server $(SERVICE)
+RUNNER_PORT ?= 3001
+RUNNER_URL ?= http://127.0.0.1:$(RUNNER_PORT)
+serve-runner: model
+	$(START) --service-name LLMRunner --port $(RUNNER_PORT)
+
+serve-api: model
+	$(START) --depends LLMRunner=$(RUNNER_URL) --port $(PORT)
 
 # The engine benchmark: ours vs `transformers serve` vs in-process generate, targets checked.
 # Its peer needs transformers' serving extra; torch stays at TORCH_SPEC.
