@@ -40,6 +40,7 @@ from logic.errors import (
     AuthenticationError,
     InternalServerError,
     InvalidRequestError,
+    ModelBusyError,
     RateLimitError,
     RequestTooLargeError,
     RunnerUnavailableError,
@@ -56,7 +57,8 @@ from logic.protocol import (
     SamplingParams,
 )
 from logic.settings import get_settings
-from runners.client import RunnerClient, read_chunks
+from runners.client import RunnerBusyError, RunnerClient, read_chunks
+from runners.engine_errors import EngineBusyError, EngineClosedError
 from runners.llm import LLMRunner, create_engine
 
 logger = logging.getLogger(__name__)
@@ -324,7 +326,22 @@ _RUNNER_TRANSPORT_ERRORS = (
     aiohttp.ClientError,
     OSError,
     bentoml.exceptions.BentoMLException,
+    EngineClosedError,
 )
+
+
+async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """The runner's token stream, its failures as API errors: at capacity is a 429, away or
+    stopped a 503. Closing this closes ``stream``, which cancels the generation."""
+    try:
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except (RunnerBusyError, EngineBusyError):
+        raise ModelBusyError() from None
+    except _RUNNER_TRANSPORT_ERRORS as exc:
+        logger.warning("runner unavailable: %s", exc)
+        raise RunnerUnavailableError() from exc
 
 
 @bentoml.asgi_app(api_app, path="/v1")
@@ -395,13 +412,8 @@ class ChatAPI(NativeAPI):
             stream = self._client.generate(prompt_ids, params)
         else:
             stream = read_chunks(self.runner.generate(prompt_ids=prompt_ids, **params.model_dump()))
-        try:
-            async with contextlib.aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except _RUNNER_TRANSPORT_ERRORS as exc:
-            logger.warning("runner unavailable: %s", exc)
-            raise RunnerUnavailableError() from exc
+        async for chunk in _relay(stream):
+            yield chunk
 
 
 def _runner_url(service: type) -> str | None:
@@ -432,6 +444,8 @@ class Monolith(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        engine = create_engine(self.model.path)
-        self.chat = _chat_service(self.model, engine.stream)
+        self.engine = create_engine(self.model.path)
+        self.chat = _chat_service(
+            self.model, lambda prompt_ids, params: _relay(self.engine.stream(prompt_ids, params))
+        )
         monolith_app.state.chat = self.chat

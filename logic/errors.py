@@ -113,6 +113,17 @@ class RateLimitError(APIError):
         )
 
 
+class ModelBusyError(APIError):
+    """429: the runner already holds all the requests it takes; retrying shortly may succeed."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    retry_after = 1
+
+    def __init__(self) -> None:
+        super().__init__("The model is at capacity; retry shortly.", code="model_at_capacity")
+
+
 class UnprocessableError(InvalidRequestError):
     """422: the request was valid, but the model's answer cannot satisfy it (for example a
     ``response_format`` the answer fails)."""

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         description="Most tokens in one step, decode plus prefill chunks "
         "(default: 512 on cpu, 8192 on cuda).",
     )
+    runner_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests the runner holds at once, running plus waiting for a batch slot "
+        "(default: twice max_batch_size); beyond it a request gets a 429.",
+    )
     cpu_packed_weights: bool = Field(
         True,
         description="On CPU (fp32), keep a oneDNN-packed copy of the weights: faster batched "

@@ -22,9 +22,16 @@ import aiohttp
 
 from logic.protocol import GenerationChunk, SamplingParams
 
+# The code of the in-band error line a runner at capacity sends instead of tokens.
+BUSY = "runner_busy"
+
 
 class RunnerGenerationError(RuntimeError):
     """The runner reported a failure inside its stream."""
+
+
+class RunnerBusyError(RunnerGenerationError):
+    """The runner holds all the requests it takes: back off and retry (not a failure)."""
 
 
 async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
@@ -40,7 +47,8 @@ async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[Gener
                     continue
                 data = json.loads(line)
                 if "error" in data:
-                    raise RunnerGenerationError(data["error"])
+                    busy = data.get("code") == BUSY
+                    raise (RunnerBusyError if busy else RunnerGenerationError)(data["error"])
                 yield GenerationChunk.model_validate(data)
     finally:  # an async generator source is closed now, not whenever it is collected
         aclose = getattr(stream, "aclose", None)

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
+from runners.engine_errors import EngineBusyError, EngineClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,6 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
     for request, item in items:
         request.queue.put_nowait(item)
-
-
-class EngineClosedError(RuntimeError):
-    """The engine shut down while the request was waiting or running."""
 
 
 @dataclass(eq=False)
@@ -164,6 +161,7 @@ class GenerationEngine:
         *,
         max_batch_size: int,
         max_batch_tokens: int,
+        max_in_flight: int | None = None,
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
         returns (and re-raises what ``build`` raised).
@@ -175,6 +173,7 @@ class GenerationEngine:
         """
         self.device = device
         self.stats = EngineStats()
+        self._max_in_flight = max_in_flight
         self._pending: collections.deque[_Request] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -208,6 +207,8 @@ class GenerationEngine:
         self.vocab_size = self.batch_model.vocab_size
         self.max_batch_size = min(max_batch_size, self.batch_model.max_slots)
         self.max_batch_tokens = max(tokens, self.max_batch_size)
+        # Bounded: a full batch running and one more waiting for slots, unless set otherwise.
+        self.max_in_flight = self._max_in_flight or 2 * self.max_batch_size
         self._free_slots = list(range(self.max_batch_size))
         self._ready.set()
         self._run()
@@ -230,6 +231,7 @@ class GenerationEngine:
         backend: str = "auto",
         max_batch_size: int | None = None,
         max_batch_tokens: int | None = None,
+        max_in_flight: int | None = None,
         packed_weights: bool = True,
     ) -> GenerationEngine:
         if threads:
@@ -252,7 +254,11 @@ class GenerationEngine:
             )
 
         engine = cls(
-            build, dev, max_batch_size=batch, max_batch_tokens=max_batch_tokens or default_tokens
+            build,
+            dev,
+            max_batch_size=batch,
+            max_batch_tokens=max_batch_tokens or default_tokens,
+            max_in_flight=max_in_flight,
         )
         logger.info(
             "Loaded %s on %s as %s: %s, batch <= %d sequences / %d tokens per step",
@@ -331,6 +337,8 @@ class GenerationEngine:
         with self._wake:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
+            if self.running + self.waiting >= self.max_in_flight:
+                raise EngineBusyError(f"the engine holds {self.max_in_flight} requests already")
             self._pending.append(request)
             self._wake.notify()
 

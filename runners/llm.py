@@ -19,6 +19,8 @@ import yaml
 
 from logic.protocol import SamplingParams
 from logic.settings import Settings, get_settings
+from runners.client import BUSY
+from runners.engine_errors import EngineBusyError
 
 if TYPE_CHECKING:
     from runners.engine import GenerationEngine
@@ -63,6 +65,7 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
         backend=settings.engine,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
+        max_in_flight=settings.runner_max_in_flight,
         packed_weights=settings.cpu_packed_weights,
     )
 
@@ -84,6 +87,7 @@ def engine_metrics(engine: GenerationEngine) -> str:
             engine.running + engine.waiting,
         ),
         ("batch_slots", "gauge", "Most sequences in one step.", engine.max_batch_size),
+        ("max_in_flight", "gauge", "Requests held at most; more get a 429.", engine.max_in_flight),
         ("engine_up", "gauge", "1 while the engine takes requests, 0 once it stopped.",
          int(not engine.closed)),
         ("steps_total", "counter", "Forward steps run.", stats.steps),
@@ -165,6 +169,9 @@ class LLMRunner:
             async with contextlib.aclosing(self.engine.stream(prompt_ids, params)) as chunks:
                 async for chunk in chunks:
                     yield chunk.model_dump_json(exclude_none=True) + "\n"
+        except EngineBusyError:
+            # Backpressure, not a failure: the API answers 429 with Retry-After.
+            yield json.dumps({"error": "the runner is at capacity", "code": BUSY}) + "\n"
         except (ValueError, RuntimeError) as exc:
             # Headers are gone once a stream starts: report in-band, keep the details here.
             logger.exception("generation failed")

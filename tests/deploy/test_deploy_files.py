@@ -115,7 +115,7 @@ def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
         steps=0, prefill_tokens=0, decode_tokens=0, finished=0, cancelled=0
     )
     engine = types.SimpleNamespace(
-        running=3, waiting=2, max_batch_size=16, closed=False, stats=stats
+        running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False, stats=stats
     )
     exported = engine_metrics(engine).splitlines()
     assert f"{name} 5" in exported  # the series the runner serves on /metrics

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from logic.protocol import SamplingParams
-from runners.client import RunnerClient, RunnerGenerationError
+from runners.client import BUSY, RunnerBusyError, RunnerClient, RunnerGenerationError
 
 PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
 
@@ -20,8 +20,9 @@ PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
 class FakeRunner:
     """Streams one token per 10 ms as NDJSON lines split mid-line; records hang-ups."""
 
-    def __init__(self, tokens: int, error_after: int | None = None):
+    def __init__(self, tokens: int, error_after: int | None = None, error: bytes = b""):
         self.tokens, self.error_after = tokens, error_after
+        self.error = error or b'{"error": "generation failed: RuntimeError"}\n'
         self.received: list[dict] = []
         self.hung_up = asyncio.Event()
         self.sent = 0
@@ -37,7 +38,7 @@ class FakeRunner:
         try:
             for i in range(self.tokens):
                 if i == self.error_after:
-                    await response.write(b'{"error": "generation failed: RuntimeError"}\n')
+                    await response.write(self.error)
                     break
                 last = i == self.tokens - 1
                 line = json.dumps({"token_ids": [i], "finish_reason": "length" if last else None})
@@ -92,6 +93,19 @@ def test_an_error_line_raises(socket_path):
     async def run():
         async with client_of(FakeRunner(tokens=5, error_after=2), socket_path) as client:
             with pytest.raises(RunnerGenerationError, match="generation failed"):
+                async for _ in client.generate([1], PARAMS):
+                    pass
+
+    asyncio.run(run())
+
+
+def test_a_runner_at_capacity_is_told_apart_from_a_failure(socket_path):
+    busy = json.dumps({"error": "the runner is at capacity", "code": BUSY}).encode() + b"\n"
+
+    async def run():
+        fake = FakeRunner(tokens=5, error_after=0, error=busy)
+        async with client_of(fake, socket_path) as client:
+            with pytest.raises(RunnerBusyError):
                 async for _ in client.generate([1], PARAMS):
                     pass
 

@@ -11,7 +11,8 @@ import torch
 
 from logic.protocol import GenerationChunk, SamplingParams
 from runners.batch_model import SequentialHF, SlotLlama
-from runners.engine import EngineClosedError, GenerationEngine, sample_token
+from runners.engine import GenerationEngine, sample_token
+from runners.engine_errors import EngineBusyError, EngineClosedError
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 2, 1, 50]
 # Mixed prompt lengths and budgets, so requests join and leave the batch at different steps.
@@ -160,7 +161,12 @@ def test_many_dropped_streams_leave_the_engine_idle_and_memory_trimmed(engine):
 
 def test_more_requests_than_slots_wait_their_turn(tiny_model_dir):
     small = GenerationEngine.load(
-        tiny_model_dir, device="cpu", dtype="float32", max_batch_size=2, max_batch_tokens=8
+        tiny_model_dir,
+        device="cpu",
+        dtype="float32",
+        max_batch_size=2,
+        max_batch_tokens=8,
+        max_in_flight=len(MIXED),
     )
     try:
         alone = [generate(small, p, max_new_tokens=n, temperature=0.0) for p, n in MIXED]
@@ -174,6 +180,43 @@ def test_more_requests_than_slots_wait_their_turn(tiny_model_dir):
         assert max(small.stats.batch_sizes) <= 2
     finally:
         small.close()
+
+
+def test_beyond_its_in_flight_limit_the_engine_refuses_at_once_and_then_takes_requests_again(
+    tiny_model_dir,
+):
+    small = GenerationEngine.load(
+        tiny_model_dir, device="cpu", dtype="float32", max_batch_size=2, max_in_flight=3
+    )
+    try:
+        assert small.max_in_flight == 3
+
+        async def run():
+            held = [asyncio.create_task(collect(small, PROMPT, greedy(200))) for _ in range(3)]
+            await wait_until(lambda: small.running == 2 and small.waiting == 1)
+            started = time.monotonic()
+            with pytest.raises(EngineBusyError):
+                await collect(small, PROMPT, greedy(4))
+            refused_in = time.monotonic() - started
+            assert small.running + small.waiting == 3  # the refused one queued nowhere
+            held[0].cancel()  # a client leaves: its place is free again
+            await wait_until(lambda: small.running + small.waiting < 3)
+            ids, _ = await collect(small, PROMPT, greedy(4))
+            for task in held[1:]:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            return refused_in, ids
+
+        refused_in, ids = asyncio.run(run())
+        assert refused_in < 0.5 and len(ids) == 4
+    finally:
+        small.close()
+
+    default = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32", max_batch_size=3)
+    try:  # by default: a full batch running and one more waiting
+        assert default.max_in_flight == 6
+    finally:
+        default.close()
 
 
 def test_chunked_prefill_gives_the_same_tokens(engine, tiny_model_dir):

@@ -376,3 +376,22 @@ def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch):
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "runner_unavailable"
         assert int(resp.headers["retry-after"]) > 0
+
+
+def test_a_runner_at_capacity_is_a_429_with_retry_after_and_no_request_waits(client, monkeypatch):
+    import inspect
+
+    import service
+
+    # The runner BentoML built in this process (to_asgi): let it hold no request at all.
+    runner = inspect.getattr_static(service.ChatAPI.inner, "runner").get()
+    monkeypatch.setattr(runner.engine, "max_in_flight", 0)
+    for stream in (False, True):
+        body = {"messages": USER, "max_tokens": 2, "stream": stream}
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 429
+        assert resp.json()["error"]["code"] == "model_at_capacity"
+        assert resp.headers["retry-after"] == "1"
+    assert runner.engine.running + runner.engine.waiting == 0
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).is_success
