@@ -63,6 +63,9 @@ from runners.llm import LLMRunner, create_engine
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
+# BentoML's own request timeout sits a little past ours (LLM_API_TIMEOUT, enforced in logic/),
+# so ours fires first: it stops the generation and answers with an OpenAI-shaped 504.
+_TIMEOUT_MARGIN = 10
 
 
 # ---------------------------------------------------------------- the OpenAI-compatible routes
@@ -348,7 +351,7 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
 @bentoml.service(
     resources={"cpu": settings.api_cpu, "memory": settings.api_memory},
     workers=settings.api_workers,
-    traffic={"timeout": settings.api_timeout},
+    traffic={"timeout": settings.api_timeout + _TIMEOUT_MARGIN},
     # BentoML's own probe answers 500 when the runner refuses connections; __is_ready__ below
     # does the check instead, and only where the settings ask for it.
     runner_probe={"enabled": False},
@@ -436,7 +439,7 @@ monolith_app = create_openai_app()
 @bentoml.service(
     resources={"gpu": 1},
     workers=1,
-    traffic={"timeout": settings.api_timeout},
+    traffic={"timeout": settings.api_timeout + _TIMEOUT_MARGIN},
 )
 class Monolith(NativeAPI):
     """The same API with the engine in-process: one process, no hop, no separate scaling."""

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from logic.cleanup import OutputCleaner
+from logic.deadlines import within_deadlines
 from logic.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -234,8 +235,13 @@ class ChatCompletionService:
         params = prepared.params_for(choice.index)
         stop_ids = set(params.stop_token_ids)
 
-        # aclosing: leaving early (a stop string) closes the runner stream, which cancels it.
-        stream = self._generate(prepared.prompt_ids, params)
+        # aclosing: leaving early (a stop string, a deadline) closes the runner stream, which
+        # cancels the generation.
+        stream = within_deadlines(
+            self._generate(prepared.prompt_ids, params),
+            total=self._settings.api_timeout,
+            idle=self._settings.stream_idle_timeout,
+        )
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 choice.completion_tokens += len(chunk.token_ids)

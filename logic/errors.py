@@ -124,6 +124,21 @@ class ModelBusyError(APIError):
         super().__init__("The model is at capacity; retry shortly.", code="model_at_capacity")
 
 
+class GenerationTimeoutError(APIError):
+    """504: the generation ran past the request's deadline, or the runner went quiet."""
+
+    status_code = 504
+    error_type = "timeout_error"
+
+    def __init__(self, which: str, seconds: float | None):
+        what = (
+            "The request ran past its time limit"
+            if which == "total"
+            else "The model sent nothing for too long"
+        )
+        super().__init__(f"{what} ({seconds:g} s); the generation was stopped.", code="timeout")
+
+
 class UnprocessableError(InvalidRequestError):
     """422: the request was valid, but the model's answer cannot satisfy it (for example a
     ``response_format`` the answer fails)."""

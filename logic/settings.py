@@ -79,7 +79,18 @@ class Settings(BaseSettings):
     api_workers: int = Field(2, ge=1, description="API service worker processes.")
     api_cpu: str = Field("2", description="CPU the API service asks for, e.g. 2 or 500m.")
     api_memory: str = Field("2Gi", description="Memory the API service asks for.")
-    api_timeout: int = Field(300, ge=1, description="API request timeout in seconds.")
+    api_timeout: int = Field(
+        300,
+        ge=1,
+        description="Longest a request may take, in seconds: past it the generation is "
+        "stopped and the client gets a 504 (or an error event in its stream).",
+    )
+    stream_idle_timeout: float | None = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the model's next tokens, in seconds, waiting for a batch "
+        "slot included: past it the generation is stopped (504 or an error event).",
+    )
 
     # Runner resources and device.
     runner_gpu_type: str | None = Field(

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from logic.chat import ChatCompletionService
-from logic.errors import InvalidRequestError, ModelNotFoundError, RunnerUnavailableError
+from logic.errors import (
+    GenerationTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RunnerUnavailableError,
+)
 from logic.model_files import ModelFiles
 from logic.protocol import ChatCompletionRequest, GenerationChunk, SamplingParams
 from logic.settings import Settings
@@ -325,3 +330,24 @@ def test_the_readme_recipe_for_a_step_module_works(files, tmp_path, monkeypatch)
     run_create(chat, messages=[{"role": "user", "content": "HELLO THERE"}])
     prompt = files.tokenizer.decode(gen.calls[0][0])
     assert "hello there" in prompt and "HELLO THERE" not in prompt
+
+
+def test_a_runner_that_goes_quiet_is_a_504_and_its_generation_is_stopped(files):
+    service, _ = make(files, "Paris", stream_idle_timeout=0.1)
+    stopped = asyncio.Event()
+
+    async def quiet(prompt_ids, params):
+        try:
+            yield GenerationChunk(token_ids=files.tokenizer.encode("Par"))
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    service._generate = quiet
+
+    async def whole():
+        with pytest.raises(GenerationTimeoutError):
+            await service.create(request())
+        return stopped.is_set()
+
+    assert asyncio.run(whole())
