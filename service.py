@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -232,6 +233,19 @@ def _authorized(scope: Scope, key: str) -> bool:
 
 def create_openai_app() -> Starlette:
     """The ``/v1`` routes; ``app.state.chat`` is set by the service that mounts it."""
+    middleware = [Middleware(Gate)]
+    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+    if origins:  # outermost: a browser's preflight carries no API key
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                max_age=600,
+            ),
+        )
     return Starlette(
         routes=[*_ROUTES, Route("/{path:path}", unknown_route, methods=_ALL_METHODS)],
         exception_handlers={
@@ -239,7 +253,7 @@ def create_openai_app() -> Starlette:
             HTTPException: _handle_http_exception,
             Exception: _handle_unexpected,
         },
-        middleware=[Middleware(Gate)],
+        middleware=middleware,
     )
 
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(
         None, description="When set, requests must send 'Authorization: Bearer <key>' (else 401)."
     )
+    cors_allow_origins: str = Field(
+        "",
+        description="Origins allowed to call /v1 from a browser, comma-separated (`*` for "
+        "any); empty (the default) sends no CORS headers.",
+    )
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (else 413)."
     )

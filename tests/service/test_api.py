@@ -395,3 +395,31 @@ def test_a_runner_at_capacity_is_a_429_with_retry_after_and_no_request_waits(cli
     assert runner.engine.running + runner.engine.waiting == 0
     monkeypatch.undo()
     assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).is_success
+
+
+def test_cors_is_off_by_default_and_on_for_the_origins_configured(client, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import service
+
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    default = client.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in default.headers
+
+    monkeypatch.setattr(service.settings, "cors_allow_origins", "https://app.example.com")
+    monkeypatch.setattr(service.settings, "api_key", "sk-test")
+    with TestClient(service.create_openai_app()) as browser:
+        allowed = browser.options("/chat/completions", headers=preflight)
+        assert allowed.status_code == 200  # answered before the key check
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        other = browser.options(
+            "/chat/completions", headers={**preflight, "Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+        refused = browser.get("/models", headers={"Origin": "https://app.example.com"})
+        assert refused.status_code == 401  # CORS does not open the door: the key still counts
+        assert refused.headers["access-control-allow-origin"] == "https://app.example.com"
