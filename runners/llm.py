@@ -36,10 +36,9 @@ def pin_bento_model(settings: Settings, here: Path = Path(__file__)) -> None:
     get the env the Bento recorded. So when this file runs from ``<bento>/src/runners/`` and
     ``LLM_MODEL`` is not set, the runner's model in ``<bento>/bento.yaml`` is the one served.
     """
-    bento_manifest = here.resolve().parents[2] / "bento.yaml"
-    if "model" in settings.model_fields_set or here.resolve().parents[1].name != "src":
-        return
-    if not bento_manifest.is_file():
+    src = here.resolve().parents[1]
+    bento_manifest = src.parent / "bento.yaml"
+    if "model" in settings.model_fields_set or src.name != "src" or not bento_manifest.is_file():
         return
     manifest = yaml.safe_load(bento_manifest.read_text())
     for service in manifest.get("services") or []:

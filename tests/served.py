@@ -90,3 +90,14 @@ class ServedProcess:
     def close(self) -> None:
         self.stop()
         self._log.close()
+
+    def __enter__(self) -> ServedProcess:
+        """Started and ready; closed on leaving, whatever happened in between."""
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -28,30 +28,21 @@ def _env() -> dict[str, str]:
     return {**env, "LLM_API_WORKERS": "1", "BENTOML_DO_NOT_TRACK": "true"}
 
 
+def _serve(bento: BuiltBento, *args: str) -> ServedProcess:
+    """One service of the Bento, started the way its container would start it."""
+    return ServedProcess([*START_HTTP_SERVER, bento.tag, *args], port=free_port(), env=_env())
+
+
 @pytest.fixture
 def runner(bento: BuiltBento) -> Iterator[ServedProcess]:
-    served = ServedProcess(
-        [*START_HTTP_SERVER, bento.tag, "--service-name", "LLMRunner"],
-        port=free_port(),
-        env=_env(),
-    )
-    try:
-        yield served.start()
-    finally:
-        served.close()
+    with _serve(bento, "--service-name", "LLMRunner") as served:
+        yield served
 
 
 @pytest.fixture
 def api(bento: BuiltBento, runner: ServedProcess) -> Iterator[ServedProcess]:
-    served = ServedProcess(
-        [*START_HTTP_SERVER, bento.tag, "--depends", f"LLMRunner={runner.url}"],
-        port=free_port(),
-        env=_env(),
-    )
-    try:
-        yield served.start()
-    finally:
-        served.close()
+    with _serve(bento, "--depends", f"LLMRunner={runner.url}") as served:
+        yield served
 
 
 def _post(api: ServedProcess) -> httpx.Response:

@@ -34,14 +34,9 @@ def server(request) -> Iterator[tuple[str, psutil.Process]]:
         pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true")
-    served = ServedProcess(
-        [BENTOML, "serve", f"service:{request.param}"], port=free_port(), env=env
-    )
-    try:
-        served.start()
+    command = [BENTOML, "serve", f"service:{request.param}"]
+    with ServedProcess(command, port=free_port(), env=env) as served:
         yield served.url, served.process
-    finally:
-        served.close()
 
 
 @pytest.fixture(scope="module")
