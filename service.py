@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import inspect
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -35,6 +35,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from logic import metrics
+from logic.auth import MetricsGuard, bearer_matches
 from logic.chat import ChatCompletionService, TokenGenerator
 from logic.errors import (
     APIError,
@@ -47,6 +49,7 @@ from logic.errors import (
     RunnerUnavailableError,
     from_validation_error,
 )
+from logic.logs import configure_logging, incoming_request_id, request_id
 from logic.model_files import ModelFiles
 from logic.protocol import (
     ChatCompletionRequest,
@@ -60,7 +63,7 @@ from logic.protocol import (
 from logic.settings import get_settings
 from runners.client import RunnerBusyError, RunnerClient, read_chunks
 from runners.engine_errors import EngineBusyError, EngineClosedError
-from runners.llm import LLMRunner, create_engine
+from runners.llm import LLMRunner, create_engine, engine_metrics
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -73,6 +76,7 @@ _TIMEOUT_MARGIN = 10
 
 
 def _error_response(error: APIError) -> JSONResponse:
+    metrics.ERRORS.labels(code=error.code or error.error_type).inc()
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
@@ -136,11 +140,12 @@ async def _event_stream(first: BaseModel, rest: AsyncIterator[BaseModel]) -> Asy
         try:
             async for chunk in rest:
                 yield _sse(chunk.model_dump_json())
-        except APIError as exc:
+        except Exception as exc:
+            if not isinstance(exc, APIError):
+                logger.exception("stream failed")
+                exc = InternalServerError()
+            metrics.ERRORS.labels(code=exc.code or exc.error_type).inc()
             yield _sse(json.dumps(exc.to_body()))
-        except Exception:
-            logger.exception("stream failed")
-            yield _sse(json.dumps(InternalServerError().to_body()))
     yield _sse("[DONE]")
 
 
@@ -200,9 +205,19 @@ async def unknown_route(request: Request) -> Response:
     )
 
 
+def _route_label(scope: Scope) -> str:
+    """The route a request is counted under: one of ours, or "other" (bounded labels)."""
+    path = scope["path"]
+    root = scope.get("root_path", "")
+    local = path[len(root) :] if root and path.startswith(root) else path
+    known = {route.path for route in _ROUTES}
+    return f"{root}{local}" if local in known else "other"
+
+
 class Gate:
-    """ASGI middleware in front of the routes: the API key (401) and this worker's limit on
-    requests in flight (429; a stream counts until its last byte)."""
+    """ASGI middleware in front of the routes: the request id, the API key (401), this
+    worker's limit on requests in flight (429; a stream counts until its last byte), and the
+    request's metrics."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -211,24 +226,39 @@ class Gate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        rid = incoming_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        # Not reset on the way out: BentoML's access log line, written after this returns in
+        # the same task, carries the id too. Each request runs in a task of its own.
+        request_id.set(rid)
+        status, started = 500, time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(b"x-request-id", rid.encode())]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
         error: APIError | None = None
-        if settings.api_key and not _authorized(scope, settings.api_key):
+        if settings.api_key and not bearer_matches(scope, settings.api_key):
             error = AuthenticationError()
         elif self.in_flight >= settings.max_concurrent_requests:
             error = RateLimitError(settings.max_concurrent_requests)
-        if error is not None:
-            return await _error_response(error)(scope, receive, send)
+        metrics.IN_FLIGHT.inc()
         self.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            if error is not None:
+                await _error_response(error)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             self.in_flight -= 1
-
-
-def _authorized(scope: Scope, key: str) -> bool:
-    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+            metrics.IN_FLIGHT.dec()
+            route = _route_label(scope)
+            metrics.REQUESTS.labels(route=route, status=str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
 
 
 def create_openai_app() -> Starlette:
@@ -381,6 +411,7 @@ class ChatAPI(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
+        _configure_worker_logging("ChatAPI")
         self.chat = _chat_service(self.model, self._generate)
         api_app.state.chat = self.chat
         self._client = self._runner_client()
@@ -417,6 +448,14 @@ class ChatAPI(NativeAPI):
             return True
         return await self._client.ready()
 
+    async def __metrics__(self, content: str) -> str:
+        """``/metrics``: BentoML's series and ours (all API workers), then the runner's
+        ``llm_runner_*`` load when the runner was started by the same ``bentoml serve`` (a
+        runner elsewhere is scraped on its own port, so its series are not counted twice)."""
+        if self._client is not None and self._client.is_local:
+            content += await self._client.metrics(settings.metrics_api_key)
+        return content
+
     @bentoml.on_shutdown
     async def _close_runner_client(self) -> None:
         if self._client is not None:
@@ -425,10 +464,13 @@ class ChatAPI(NativeAPI):
     async def _generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
+        rid = request_id.get()  # the runner logs its side of the request under the same id
         if self._client is not None:
-            stream = self._client.generate(prompt_ids, params)
+            stream = self._client.generate(prompt_ids, params, request_id=rid)
         else:
-            stream = read_chunks(self.runner.generate(prompt_ids=prompt_ids, **params.model_dump()))
+            stream = read_chunks(
+                self.runner.generate(prompt_ids=prompt_ids, request_id=rid, **params.model_dump())
+            )
         async for chunk in _relay(stream):
             yield chunk
 
@@ -461,8 +503,27 @@ class Monolith(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
+        _configure_worker_logging("Monolith")
         self.engine = create_engine(self.model.path)
         self.chat = _chat_service(
             self.model, lambda prompt_ids, params: _relay(self.engine.stream(prompt_ids, params))
         )
         monolith_app.state.chat = self.chat
+
+    def __metrics__(self, content: str) -> str:
+        """``/metrics``: BentoML's series, the API's, and the in-process engine's load."""
+        return content + engine_metrics(self.engine)
+
+
+def _configure_worker_logging(service_name: str) -> None:
+    """JSON (or text) logs in a served worker; tests in one process keep pytest's."""
+    worker = bentoml.server_context.worker_index
+    if worker is not None:
+        configure_logging(
+            settings.log_format, settings.log_level, service=f"{service_name}:{worker}"
+        )
+
+
+# /metrics behind LLM_METRICS_API_KEY when that is set (the runner does the same).
+ChatAPI.add_asgi_middleware(MetricsGuard)
+Monolith.add_asgi_middleware(MetricsGuard)

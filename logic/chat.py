@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from logic.cleanup import OutputCleaner
 from logic.deadlines import within_deadlines
 from logic.errors import (
+    GenerationTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
     RunnerUnavailableError,
@@ -34,6 +35,7 @@ from logic.json_output import (
     unsupported_keywords,
     validate_json,
 )
+from logic.metrics import GenerationMetrics
 from logic.model_files import ModelFiles
 from logic.pipeline import Conversation, Pipeline
 from logic.protocol import (
@@ -225,7 +227,7 @@ class ChatCompletionService:
         return TokenLogprobEntry(token=token, logprob=logprob.logprob, bytes=raw, top_logprobs=top)
 
     async def _pieces(
-        self, prepared: PreparedPrompt, choice: _Choice
+        self, prepared: PreparedPrompt, choice: _Choice, metrics: GenerationMetrics
     ) -> AsyncIterator[tuple[str, list[TokenLogprobEntry]]]:
         """Cleaned text and the logprobs of its tokens, one piece per runner chunk (the text
         may be empty); fills ``choice``."""
@@ -245,6 +247,7 @@ class ChatCompletionService:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 choice.completion_tokens += len(chunk.token_ids)
+                metrics.tokens(choice.index, len(chunk.token_ids))
                 ids, logprobs = chunk.token_ids, chunk.logprobs or []
                 if chunk.finish_reason == "stop" and ids and ids[-1] in stop_ids:
                     ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]  # counted, never shown
@@ -266,12 +269,14 @@ class ChatCompletionService:
     ) -> AsyncIterator[tuple[_Choice, str | None, list[TokenLogprobEntry]]]:
         """Every choice's pieces as they come, each choice generating concurrently (so the
         runner batches them); ``(choice, None, [])`` when a choice is done. Closing this
-        closes every choice's runner stream."""
+        closes every choice's runner stream. Records the generation's metrics and logs it."""
+        metrics = GenerationMetrics(len(prepared.prompt_ids))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: _Choice) -> None:
             try:
-                async with contextlib.aclosing(self._pieces(prepared, choice)) as pieces:
+                pieces = self._pieces(prepared, choice, metrics)
+                async with contextlib.aclosing(pieces):
                     async for text, entries in pieces:
                         queue.put_nowait((choice, text, entries))
                 queue.put_nowait((choice, None, []))
@@ -281,19 +286,25 @@ class ChatCompletionService:
                 queue.put_nowait(exc)
 
         tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+        outcome = "cancelled"  # unless it finishes or fails: the consumer left early
         try:
             remaining = len(choices)
             while remaining:
                 item = await queue.get()
                 if isinstance(item, Exception):
+                    outcome = "timeout" if isinstance(item, GenerationTimeoutError) else "error"
                     raise item
                 if item[1] is None:
                     remaining -= 1
                 yield item
+            outcome = "finished"
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if outcome in ("cancelled", "timeout"):
+                metrics.cancelled("client_left" if outcome == "cancelled" else "timeout")
+            _log_generation(prepared, choices, metrics, outcome)
 
     async def _collect(self, prepared: PreparedPrompt) -> list[_Choice]:
         """Every choice, whole."""
@@ -475,6 +486,21 @@ class ChatCompletionService:
                     )
         if request.include_usage:
             yield chunk([], _usage(len(prepared.prompt_ids), choices))
+
+
+def _log_generation(
+    prepared: PreparedPrompt, choices: list[_Choice], metrics: GenerationMetrics, outcome: str
+) -> None:
+    ttft = metrics.time_to_first_token
+    fields = {
+        "outcome": outcome,
+        "prompt_tokens": len(prepared.prompt_ids),
+        "completion_tokens": metrics.completion_tokens,
+        "finish_reasons": [c.finish_reason for c in choices],
+        "time_to_first_token_ms": None if ttft is None else round(ttft * 1000, 1),
+        "duration_ms": round(metrics.elapsed * 1000, 1),
+    }
+    logger.info("generation %s", outcome, extra={"fields": fields})
 
 
 def _names(value: str) -> list[str]:

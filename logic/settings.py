@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -65,8 +65,14 @@ class Settings(BaseSettings):
     )
 
     # API gate.
-    api_key: str | None = Field(
-        None, description="When set, requests must send 'Authorization: Bearer <key>' (else 401)."
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, /v1 requests must send 'Authorization: Bearer <key>' (else 401).",
+    )
+    metrics_api_key: SecretStr | None = Field(
+        None,
+        description="When set, /metrics needs 'Authorization: Bearer <key>' too (health routes "
+        "stay open). It may be the API key or a scraper's own.",
     )
     cors_allow_origins: str = Field(
         "",
@@ -78,6 +84,14 @@ class Settings(BaseSettings):
     )
     max_concurrent_requests: int = Field(
         256, ge=1, description="Requests one API worker serves at once (more get a 429)."
+    )
+
+    # Logs: one JSON object per line (with the request id), or BentoML's plain text lines.
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: structured lines for log pipelines; text: BentoML's format."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of this project's loggers (BentoML's own keep theirs)."
     )
 
     # API service resources (recorded in the Bento; BentoCloud and the manifests size pods by them).

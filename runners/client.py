@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlparse
 
 import aiohttp
+from pydantic import SecretStr
 
 from logic.protocol import GenerationChunk, SamplingParams
 
@@ -89,11 +90,18 @@ class RunnerClient:
             self._session = self._make_session()  # inside the worker's event loop
         return self._session
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the runner is a sibling process of the same ``bentoml serve`` (a socket it
+        handed us) rather than a server given by URL."""
+        return urlparse(self.url).scheme in ("file", "tcp")
+
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams
+        self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[GenerationChunk]:
-        payload = {"prompt_ids": prompt_ids, **params.model_dump()}
-        response = await self.session.post("/generate", json=payload)
+        payload = {"prompt_ids": prompt_ids, "request_id": request_id, **params.model_dump()}
+        headers = {"X-Request-ID": request_id} if request_id else None
+        response = await self.session.post("/generate", json=payload, headers=headers)
         try:
             if response.status >= 400:
                 detail = (await response.text())[:200]
@@ -114,6 +122,22 @@ class RunnerClient:
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
+
+    async def metrics(self, key: SecretStr | None = None, timeout: float = 2.0) -> str:
+        """The runner's own ``llm_runner_*`` series from its ``/metrics`` ("" if unreachable)."""
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else None
+        try:
+            async with self.session.get(
+                "/metrics", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                if response.status != 200:
+                    return ""
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return ""
+        ours = ("llm_runner_", "# HELP llm_runner_", "# TYPE llm_runner_")
+        lines = [line for line in text.splitlines() if line.startswith(ours)]
+        return "\n".join(lines) + "\n" if lines else ""
 
     async def close(self) -> None:
         if self._session is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 import bentoml
 import yaml
 
+from logic import logs
+from logic.auth import MetricsGuard
 from logic.protocol import SamplingParams
 from logic.settings import Settings, get_settings
 from runners.client import BUSY
@@ -119,6 +122,9 @@ class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
+        worker = bentoml.server_context.worker_index
+        if worker is not None:  # served: JSON logs; a test in one process keeps pytest's
+            logs.configure_logging(settings.log_format, settings.log_level, service="LLMRunner")
         self.engine = create_engine(self.model.path)
 
     def __is_alive__(self) -> bool:
@@ -146,12 +152,16 @@ class LLMRunner:
         frequency_penalty: float = 0.0,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        request_id: str | None = None,
     ) -> AsyncGenerator[str, None]:
         """Stream generated token ids as NDJSON lines; an ``{"error": ...}`` line on failure.
 
         Lines leave out empty fields (``finish_reason`` until the last, ``logprobs`` unless
-        asked for): :class:`GenerationChunk` reads them back as None.
+        asked for): :class:`GenerationChunk` reads them back as None. ``request_id`` is the
+        API's, so this side of the request logs under the same id.
         """
+        logs.request_id.set(logs.incoming_request_id(request_id))
+        started, tokens, finish = time.perf_counter(), 0, None
         try:
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
@@ -167,6 +177,8 @@ class LLMRunner:
             # aclosing: a client that hangs up ends the engine request now, not at GC time.
             async with contextlib.aclosing(self.engine.stream(prompt_ids, params)) as chunks:
                 async for chunk in chunks:
+                    tokens += len(chunk.token_ids)
+                    finish = chunk.finish_reason or finish
                     yield chunk.model_dump_json(exclude_none=True) + "\n"
         except EngineBusyError:
             # Backpressure, not a failure: the API answers 429 with Retry-After.
@@ -175,3 +187,15 @@ class LLMRunner:
             # Headers are gone once a stream starts: report in-band, keep the details here.
             logger.exception("generation failed")
             yield (json.dumps({"error": f"generation failed: {type(exc).__name__}"}) + "\n")
+        finally:
+            fields = {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": tokens,
+                "finish_reason": finish,  # None: refused, failed, or the client left
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+            logger.info("runner generation ended", extra={"fields": fields})
+
+
+# /metrics behind LLM_METRICS_API_KEY when that is set.
+LLMRunner.add_asgi_middleware(MetricsGuard)

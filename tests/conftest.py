@@ -28,6 +28,10 @@ os.environ["LLM_MODEL"] = TINY_MODEL
 os.environ["LLM_SYSTEM_PROMPT"] = "You are a test assistant."
 os.environ["LLM_DEFAULT_MAX_TOKENS"] = "16"
 os.environ["LLM_API_WORKERS"] = "2"
+# BentoML's /metrics reads Prometheus' multiprocess directory, as under `bentoml serve`; it
+# must be set before prometheus_client is first imported.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_scratch / "prometheus")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,6 +7,7 @@ import json
 
 import openai
 import pytest
+from pydantic import SecretStr
 
 USER = [{"role": "user", "content": "Hello, how are you today?"}]
 
@@ -237,7 +238,7 @@ def test_penalties_change_greedy_output(api):
 def test_an_api_key_is_required_when_configured(client, monkeypatch):
     import service
 
-    monkeypatch.setattr(service.settings, "api_key", "s3cret")
+    monkeypatch.setattr(service.settings, "api_key", SecretStr("s3cret"))
     no_key = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
     wrong = openai.OpenAI(
@@ -411,7 +412,7 @@ def test_cors_is_off_by_default_and_on_for_the_origins_configured(client, monkey
     assert "access-control-allow-origin" not in default.headers
 
     monkeypatch.setattr(service.settings, "cors_allow_origins", "https://app.example.com")
-    monkeypatch.setattr(service.settings, "api_key", "sk-test")
+    monkeypatch.setattr(service.settings, "api_key", SecretStr("sk-test"))
     with TestClient(service.create_openai_app()) as browser:
         allowed = browser.options("/chat/completions", headers=preflight)
         assert allowed.status_code == 200  # answered before the key check

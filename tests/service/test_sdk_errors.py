@@ -8,6 +8,7 @@ import asyncio
 import httpx
 import openai
 import pytest
+from pydantic import SecretStr
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -52,7 +53,7 @@ def test_request_errors_map_to_sdk_exceptions(app, kwargs, error, code):
 def test_gate_errors_map_to_sdk_exceptions(app, monkeypatch):
     import service
 
-    monkeypatch.setattr(service.settings, "api_key", "k")
+    monkeypatch.setattr(service.settings, "api_key", SecretStr("k"))
     with pytest.raises(openai.AuthenticationError):
         call(app, key="wrong")
     assert call(app, key="k").choices  # the right key passes
