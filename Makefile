@@ -29,8 +29,10 @@ install: $(STAMP)
 model: $(STAMP)
 	@$(PY) -m runners.import_model
 
+# On SIGTERM or Ctrl+C: stop accepting, let answers in flight finish for GRACE seconds, exit.
+GRACE ?= 30
 serve: model
-	$(VENV)/bin/bentoml serve $(SERVICE) --port $(PORT)
+	$(VENV)/bin/bentoml serve $(SERVICE) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
 
 serve-monolith: SERVICE = service:Monolith
 serve-monolith: serve
@@ -62,10 +64,10 @@ START := $(PY) -m bentoml_cli._internal.start start-http-server $(SERVICE)
 RUNNER_PORT ?= 3001
 RUNNER_URL ?= http://127.0.0.1:$(RUNNER_PORT)
 serve-runner: model
-	$(START) --service-name LLMRunner --port $(RUNNER_PORT)
+	$(START) --service-name LLMRunner --port $(RUNNER_PORT) --timeout-graceful-shutdown $(GRACE)
 
 serve-api: model
-	$(START) --depends LLMRunner=$(RUNNER_URL) --port $(PORT)
+	$(START) --depends LLMRunner=$(RUNNER_URL) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
 
 # The engine benchmark: ours vs `transformers serve` vs in-process generate, targets checked.
 # Its peer needs transformers' serving extra; torch stays at TORCH_SPEC.

@@ -299,12 +299,14 @@ class ChatCompletionService:
                 yield item
             outcome = "finished"
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Recorded before the first await: a cancelled task (the client left) may be
+            # cancelled again at each await that follows.
             if outcome in ("cancelled", "timeout"):
                 metrics.cancelled("client_left" if outcome == "cancelled" else "timeout")
             _log_generation(prepared, choices, metrics, outcome)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect(self, prepared: PreparedPrompt) -> list[_Choice]:
         """Every choice, whole."""

@@ -42,9 +42,11 @@ class ServedProcess:
         assert self.proc is not None
         return psutil.Process(self.proc.pid)
 
-    def log(self) -> str:
+    def log(self, limit: int | None = 4000) -> str:
+        """What the server printed: its last ``limit`` characters, or all of it."""
         self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
+        text = self._log.read().decode(errors="replace")
+        return text if limit is None else text[-limit:]
 
     def launch(self) -> None:
         self.proc = subprocess.Popen(
@@ -101,3 +103,16 @@ class ServedProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple, float]:
+    """``url``'s ``/metrics`` as ``{(sample name, sorted label pairs): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+    response.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }

@@ -185,3 +185,25 @@ def test_compose_runs_the_runner_on_a_gpu_and_the_api_pointed_at_it():
     assert api["depends_on"]["runner"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(runner["healthcheck"]["test"])
     assert api["ports"] == ["3000:3000"]
+
+
+def _grace(args: list[str]) -> int:
+    return int(args[args.index("--timeout-graceful-shutdown") + 1])
+
+
+@pytest.mark.parametrize("name", ["llm-api", "llm-runner"])
+def test_pods_drain_answers_in_flight_before_kubernetes_kills_them(name):
+    """The server's own grace period (stop accepting, finish in flight) ends before the
+    pod's, so in-flight answers finish rather than being killed with SIGKILL."""
+    deployment = _one(_k8s_objects(), "Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(deployment)
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert int(pre_stop[1]) + _grace(container["args"]) < pod["terminationGracePeriodSeconds"]
+
+
+def test_compose_gives_the_same_grace_period():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for service in compose["services"].values():
+        assert _grace(service["command"]) < int(service["stop_grace_period"].rstrip("s"))

@@ -4,6 +4,7 @@ official openai client. Needs the default model in the user's store (`make test`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 
 from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
-from tests.served import BENTOML, ServedProcess, free_port
+from tests.served import BENTOML, ServedProcess, free_port, scrape
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -28,7 +29,7 @@ def default_model_in_store() -> bool:
 
 
 @pytest.fixture(scope="module", params=["ChatAPI", "Monolith"])
-def server(request) -> Iterator[tuple[str, psutil.Process]]:
+def server(request) -> Iterator[ServedProcess]:
     """`bentoml serve` of the split topology (ChatAPI + LLMRunner), then of the monolith."""
     if not default_model_in_store():
         pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
@@ -36,12 +37,12 @@ def server(request) -> Iterator[tuple[str, psutil.Process]]:
     env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true")
     command = [BENTOML, "serve", f"service:{request.param}"]
     with ServedProcess(command, port=free_port(), env=env) as served:
-        yield served.url, served.process
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    url, _ = server
+    url = server.url
     return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
 
 
@@ -80,7 +81,7 @@ def test_streamed_answer_matches_and_reports_usage(client):
 
 
 def test_bad_input_is_a_400_and_the_server_stays_up(server, client):
-    url, _ = server
+    url = server.url
     resp = httpx.post(f"{url}/v1/chat/completions", content=b"{oops", timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
     with pytest.raises(openai.BadRequestError) as info:
@@ -89,12 +90,42 @@ def test_bad_input_is_a_400_and_the_server_stays_up(server, client):
     assert client.models.list().data[0].id == DEFAULT_MODEL
 
 
-def test_health_and_metrics_are_served(server):
-    url, _ = server
+def test_health_and_metrics_are_served(server, client):
+    url = server.url
     assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-    metrics = httpx.get(f"{url}/metrics", timeout=10)
-    assert metrics.status_code == 200 and "bentoml_" in metrics.text
+    before = scrape(url)
+    client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4)
+    after = scrape(url)
+    ok = ("llm_api_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[ok] - before.get(ok, 0) == 1  # one request, counted once across the workers
+    first = ("llm_api_time_to_first_token_seconds_count", ())
+    assert after[first] - before.get(first, 0) == 1
+    # The model side's load is on the same page: queue depth, running batch, slots.
+    for series in ("requests_waiting", "requests_running", "batch_slots", "engine_up"):
+        assert (f"llm_runner_{series}", ()) in after
+    assert after[("llm_runner_engine_up", ())] == 1
+
+
+def test_logs_are_json_lines_that_follow_a_request_id_to_the_model(server, client):
+    client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4,
+        extra_headers={"X-Request-ID": "e2e-trace-1"},
+    )  # fmt: skip
+    time.sleep(0.5)  # workers flush their stdout
+    ours = []
+    for line in server.log(limit=None).splitlines():
+        if line.startswith("{") and "e2e-trace-1" in line:
+            ours.append(json.loads(line))
+    assert {e["request_id"] for e in ours} == {"e2e-trace-1"}
+    generation = next(e for e in ours if e["message"] == "generation finished")
+    assert generation["completion_tokens"] == 4 and generation["time_to_first_token_ms"] > 0
+    services = {e["service"].split(":")[0] for e in ours}
+    # The API worker and the model's process (the runner, or the monolith) both log it.
+    assert services in ({"ChatAPI", "LLMRunner"}, {"Monolith"})
+    if "LLMRunner" in services:
+        runner = next(e for e in ours if e["message"] == "runner generation ended")
+        assert runner["completion_tokens"] == 4
 
 
 def _workers(root: psutil.Process, service_name: str) -> list[psutil.Process]:
@@ -111,7 +142,7 @@ def _has_torch(process: psutil.Process) -> bool:
 
 
 def test_torch_is_loaded_only_where_the_model_runs(server, client):
-    _, root = server
+    root = server.process
     client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4)
     api_workers = _workers(root, "ChatAPI")
     if api_workers:  # split: API workers stay small, the runner alone holds torch
@@ -156,8 +187,8 @@ def _model_process(root: psutil.Process) -> psutil.Process:
 
 def test_dropped_streams_stop_using_the_model(server, client):
     """Clients that hang up mid-answer must not leave the model generating for nobody."""
-    _, root = server
-    model = _model_process(root)
+    model = _model_process(server.process)
+    before_metrics = scrape(server.url)
     streams = []
     for i in range(4):
         stream = client.chat.completions.create(
@@ -182,10 +213,16 @@ def test_dropped_streams_stop_using_the_model(server, client):
     assert idle_cpu < 0.25 * 2.0 * busy_cpu  # ...and it goes quiet once they are gone
     answer, _ = _greedy(client, "What is the capital of France?", 16)
     assert "Paris" in answer
+    # Both sides count them: the API's generations cancelled, and the engine's requests.
+    after = scrape(server.url)
+    left = ("llm_api_generations_cancelled_total", (("reason", "client_left"),))
+    assert after[left] - before_metrics.get(left, 0) == 4
+    runner = ("llm_runner_requests_cancelled_total", ())
+    assert after[runner] - before_metrics[runner] == 4
 
 
 def test_async_client_streams_n_choices_with_logprobs(server):
-    url, _ = server
+    url = server.url
 
     async def run():
         api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -216,7 +253,7 @@ def test_text_completions_are_served(client):
 
 
 def test_bentoml_clients_use_the_native_api(server):
-    url, _ = server
+    url = server.url
     with bentoml.SyncHTTPClient(url, timeout=120) as native:
         whole = native.chat_completion(messages=QUESTION, max_tokens=16, temperature=0)
         pieces = list(native.chat_stream(messages=QUESTION, max_tokens=16, temperature=0))

@@ -1,0 +1,173 @@
+"""Faults on a real `bentoml serve` with the real model: the runner killed mid-answer, and
+SIGTERM with requests in flight. Each test starts its own server (they break it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from logic.settings import DEFAULT_MODEL
+from tests.conftest import USER_BENTOML_HOME
+from tests.e2e.test_serve import default_model_in_store
+from tests.served import BENTOML, ServedProcess, free_port
+
+LONG = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
+
+
+def _serve(service: str, *extra: str) -> ServedProcess:
+    if not default_model_in_store():
+        pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true")
+    return ServedProcess(
+        [BENTOML, "serve", f"service:{service}", *extra], port=free_port(), env=env
+    )
+
+
+class Outcome:
+    """What one client saw, with the time of each event (``time.monotonic``)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.error: str | None = None
+        self.first_token = threading.Event()
+        self.ended_at: float | None = None
+
+
+def _stream(url: str, max_tokens: int, outcome: Outcome) -> None:
+    body = {"messages": LONG, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+            outcome.status = resp.status_code
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    outcome.events.append((time.monotonic(), line.removeprefix("data: ")))
+                    if '"content":"' in line and '"content":""' not in line:
+                        outcome.first_token.set()
+    except httpx.HTTPError as exc:
+        outcome.error = repr(exc)
+    outcome.ended_at = time.monotonic()
+    outcome.first_token.set()
+
+
+def _whole(url: str, max_tokens: int, outcome: Outcome) -> None:
+    body = {"messages": LONG, "max_tokens": max_tokens, "temperature": 0}
+    try:
+        resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        outcome.status, outcome.headers = resp.status_code, dict(resp.headers)
+        outcome.events.append((time.monotonic(), resp.text))
+    except httpx.HTTPError as exc:
+        outcome.error = repr(exc)
+    outcome.ended_at = time.monotonic()
+
+
+def _start(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def split() -> Iterator[ServedProcess]:
+    with _serve("ChatAPI") as served:
+        yield served
+
+
+def test_a_runner_killed_mid_answer_fails_its_requests_fast_and_the_api_recovers(split):
+    url = split.url
+    streams = [Outcome() for _ in range(2)]
+    whole = Outcome()
+    threads = [_start(_stream, url, 1000, o) for o in streams] + [_start(_whole, url, 1000, whole)]
+    for outcome in streams:
+        assert outcome.first_token.wait(60) and outcome.error is None
+    (runner,) = [
+        p for p in split.process.children(recursive=True)
+        if "--service-name LLMRunner" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    killed = time.monotonic()
+    runner.send_signal(signal.SIGKILL)
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a request hung after the runner died"
+
+    for outcome in streams:  # an error event, then the end of the stream, within seconds
+        assert outcome.status == 200 and outcome.error is None
+        at, last_data = outcome.events[-2]
+        assert json.loads(last_data)["error"]["code"] == "runner_unavailable"
+        assert outcome.events[-1][1] == "[DONE]"
+        assert at - killed < 5
+    assert whole.status == 503 and whole.headers["retry-after"]
+    assert json.loads(whole.events[-1][1])["error"]["code"] == "runner_unavailable"
+    assert whole.ended_at - killed < 5
+
+    # The API process stayed up; /readyz is false until `bentoml serve` restarted the runner.
+    assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
+    saw_unready, deadline = False, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/readyz", timeout=5).status_code
+        saw_unready |= status == 503
+        if status == 200 and saw_unready:
+            break
+        time.sleep(0.2)
+    assert saw_unready, "/readyz never reported the runner away"
+    answer = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
+              "max_tokens": 16, "temperature": 0},
+        timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200 and "Paris" in answer.text
+
+
+def _exit_within(served: ServedProcess, seconds: float) -> float:
+    start = time.monotonic()
+    assert served.proc is not None
+    served.proc.wait(timeout=seconds)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("service", ["ChatAPI", "Monolith"])
+def test_sigterm_stops_accepting_finishes_what_is_in_flight_then_exits(service):
+    with _serve(service, "--timeout-graceful-shutdown", "30") as served:
+        stream, whole = Outcome(), Outcome()
+        threads = [_start(_stream, served.url, 90, stream), _start(_whole, served.url, 90, whole)]
+        assert stream.first_token.wait(60)
+        workers = served.process.children(recursive=True)
+        os.kill(served.proc.pid, signal.SIGTERM)  # what Kubernetes sends the container
+        time.sleep(1.0)
+        with pytest.raises(httpx.TransportError):  # the listening socket is closed
+            httpx.post(f"{served.url}/v1/models", timeout=5)
+        for thread in threads:
+            thread.join(60)
+        finished = [json.loads(data) for _, data in stream.events[:-1]]
+        assert stream.error is None and stream.events[-1][1] == "[DONE]"
+        assert finished[-1]["choices"][0]["finish_reason"] == "length"
+        assert whole.status == 200
+        assert json.loads(whole.events[-1][1])["usage"]["completion_tokens"] == 90
+        _exit_within(served, 30)
+        assert served.proc.returncode == 0
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive  # every worker exited with it
+
+
+def test_past_the_grace_period_the_server_exits_anyway():
+    with _serve("ChatAPI", "--timeout-graceful-shutdown", "3") as served:
+        stream = Outcome()
+        thread = _start(_stream, served.url, 4000, stream)
+        assert stream.first_token.wait(60)
+        os.kill(served.proc.pid, signal.SIGTERM)
+        took = _exit_within(served, 30)
+        thread.join(30)
+        assert not thread.is_alive() and stream.ended_at is not None  # the client is let go
+        assert took < 3 + 15
+        assert not any(e[1] == "[DONE]" for e in stream.events)  # cut, not finished
