@@ -51,6 +51,7 @@ from logic.errors import (
 )
 from logic.logs import configure_logging, incoming_request_id, request_id
 from logic.model_files import ModelFiles
+from logic.openapi import openapi_spec
 from logic.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -75,9 +76,11 @@ _TIMEOUT_MARGIN = 10
 # ---------------------------------------------------------------- the OpenAI-compatible routes
 
 
-def _error_response(error: APIError) -> JSONResponse:
+def _error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     metrics.ERRORS.labels(code=error.code or error.error_type).inc()
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    headers = dict(headers or {})
+    if error.retry_after:
+        headers["Retry-After"] = str(error.retry_after)
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
@@ -88,7 +91,8 @@ async def _handle_api_error(request: Request, exc: Exception) -> Response:
 
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error_response(InvalidRequestError(str(exc.detail), status_code=exc.status_code))
+    error = InvalidRequestError(str(exc.detail), status_code=exc.status_code)
+    return _error_response(error, exc.headers)  # a 405 keeps its Allow header
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
@@ -124,7 +128,8 @@ async def _read_request(request: Request, schema: type[GenerationRequest]) -> An
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     try:
-        return schema.model_validate(body)
+        # Strict: "16" or true is not a number here, as in OpenAI's API (JSON numbers only).
+        return schema.model_validate(body, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 
@@ -186,22 +191,35 @@ async def list_models(request: Request) -> Response:
     return JSONResponse(chat.models().model_dump(mode="json"))
 
 
+_OPENAPI = openapi_spec()
+
+
+async def openapi(request: Request) -> Response:
+    """These routes' OpenAPI spec (BentoML's /docs.json covers only its native endpoints)."""
+    return JSONResponse(_OPENAPI)
+
+
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _ROUTES = [
     Route("/chat/completions", chat_completions, methods=["POST"]),
     Route("/completions", completions, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]
 
 
 async def unknown_route(request: Request) -> Response:
     """Anything else under /v1: an OpenAI-shaped 404 (or 405), not a plain-text page."""
-    known = any(request.url.path.endswith(route.path) for route in _ROUTES)
-    reason = "Method not allowed" if known else "Unknown route"
-    return _error_response(
-        InvalidRequestError(
-            f"{reason}: {request.method} {request.url.path}", status_code=405 if known else 404
+    path = request.url.path
+    known = next((route for route in _ROUTES if path.endswith(route.path)), None)
+    if known is None:
+        return _error_response(
+            InvalidRequestError(f"Unknown route: {request.method} {path}", status_code=404)
         )
+    allowed = ", ".join(sorted(known.methods or ()))
+    return _error_response(
+        InvalidRequestError(f"Method not allowed: {request.method} {path}", status_code=405),
+        {"Allow": allowed},
     )
 
 

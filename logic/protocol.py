@@ -194,12 +194,15 @@ class ChatCompletionRequest(GenerationRequest):
         return self.top_logprobs or 0
 
 
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
 class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: raw text in, its continuation out (no chat template).
 
     ``echo``, ``suffix``, ``best_of`` and ``logit_bias`` are refused as unknown fields."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     logprobs: int | None = Field(None, ge=0, le=5)  # this endpoint's form: top-k alternatives
 

@@ -143,6 +143,7 @@ class EngineStats:
     decode_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    refused: int = 0  # turned away at once: max_in_flight reached
     max_running: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
@@ -338,6 +339,7 @@ class GenerationEngine:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
             if self.running + self.waiting >= self.max_in_flight:
+                self.stats.refused += 1
                 raise EngineBusyError(f"the engine holds {self.max_in_flight} requests already")
             self._pending.append(request)
             self._wake.notify()

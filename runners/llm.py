@@ -97,6 +97,8 @@ def engine_metrics(engine: GenerationEngine) -> str:
         ("decode_tokens_total", "counter", "Tokens decoded after each first.", stats.decode_tokens),
         ("requests_finished_total", "counter", "Requests that ran to the end.", stats.finished),
         ("requests_cancelled_total", "counter", "Requests whose client left.", stats.cancelled),
+        ("requests_refused_total", "counter", "Requests turned away at max_in_flight (a 429).",
+         stats.refused),
     ]  # fmt: skip
     lines = []
     for name, kind, help_text, value in series:

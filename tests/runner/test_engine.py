@@ -199,6 +199,7 @@ def test_beyond_its_in_flight_limit_the_engine_refuses_at_once_and_then_takes_re
                 await collect(small, PROMPT, greedy(4))
             refused_in = time.monotonic() - started
             assert small.running + small.waiting == 3  # the refused one queued nowhere
+            assert small.stats.refused == 1
             held[0].cancel()  # a client leaves: its place is free again
             await wait_until(lambda: small.running + small.waiting < 3)
             ids, _ = await collect(small, PROMPT, greedy(4))

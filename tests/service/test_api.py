@@ -119,6 +119,9 @@ LONG = [{"role": "user", "content": "Paris " * 400}]
         (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", 400, None),
         (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
         (b"\xff\xfe not utf-8", 400, None),
+        # JSON types are strict, as in OpenAI's API: no numbers in strings, no booleans as 0/1.
+        (json.dumps({"messages": USER, "max_tokens": "16"}).encode(), 400, "max_tokens"),
+        (json.dumps({"messages": USER, "top_logprobs": False}).encode(), 400, "top_logprobs"),
     ],
 )
 def test_bad_input_is_a_4xx_openai_error_and_the_service_keeps_serving(client, raw, status, param):
@@ -138,6 +141,7 @@ def test_bad_input_is_a_4xx_openai_error_and_the_service_keeps_serving(client, r
     ("method", "path", "status"),
     [
         ("GET", "/v1/chat/completions", 405),
+        ("TRACE", "/v1/models", 405),
         ("POST", "/v1/embeddings", 404),
     ],
 )
@@ -145,6 +149,19 @@ def test_wrong_routes_get_openai_shaped_errors(client, method, path, status):
     resp = client.request(method, path, json={})
     assert resp.status_code == status
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    if status == 405:  # RFC 9110: a 405 lists the methods the route has
+        assert resp.headers["allow"] in {"POST", "GET, HEAD"}
+
+
+def test_the_v1_routes_describe_themselves_in_openapi(client):
+    spec = client.get("/v1/openapi.json").json()
+    assert spec["openapi"].startswith("3.1")
+    assert set(spec["paths"]) == {"/chat/completions", "/completions", "/models"}
+    chat = spec["paths"]["/chat/completions"]["post"]
+    request_ref = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request_schema = spec["components"]["schemas"][request_ref.rsplit("/", 1)[1]]
+    assert {"messages", "max_tokens", "stream"} <= set(request_schema["properties"])
+    assert {"400", "401", "413", "429", "503", "504"} <= set(chat["responses"])
 
 
 def test_a_vanishingly_small_temperature_is_greedy_not_an_error(client):
