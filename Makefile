@@ -13,8 +13,8 @@ export BENTOML_DO_NOT_TRACK := true
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve serve-monolith serve-runner serve-api test lint format build \
-	containerize bench
+.PHONY: install model serve serve-monolith serve-runner serve-api test test-load lint format \
+	build containerize bench
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,14 @@ serve: model
 serve-monolith: SERVICE = service:Monolith
 serve-monolith: serve
 
+# Everything but tests/load (about 2 minutes here).
 test: model
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not load" $(PYTEST_ARGS)
+
+# tests/load: 200 concurrent streams, a 5,000-request soak with a memory bound, schemathesis
+# against the served OpenAPI specs (a tiny model, loopback only; about 70 s here). CI runs it.
+test-load: model
+	$(PY) -m pytest -m load -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -542,6 +542,30 @@ def _configure_worker_logging(service_name: str) -> None:
         )
 
 
-# /metrics behind LLM_METRICS_API_KEY when that is set (the runner does the same).
-ChatAPI.add_asgi_middleware(MetricsGuard)
-Monolith.add_asgi_middleware(MetricsGuard)
+class NativeJSONOnly:
+    """The native endpoints take JSON: any other declared body type is a 415 here, before
+    BentoML's own parser (which answers a malformed multipart header with a 500)."""
+
+    paths = ("/chat_completion", "/chat_stream")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            declared = dict(scope.get("headers") or []).get(b"content-type", b"")
+            media = declared.split(b";", 1)[0].strip().lower()
+            if media and media != b"application/json":
+                error = InvalidRequestError(
+                    "Send the body as JSON (Content-Type: application/json).",
+                    code="unsupported_media_type",
+                    status_code=415,
+                )
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+for _service in (ChatAPI, Monolith):
+    _service.add_asgi_middleware(NativeJSONOnly)
+    # /metrics behind LLM_METRICS_API_KEY when that is set (the runner does the same).
+    _service.add_asgi_middleware(MetricsGuard)

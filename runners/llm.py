@@ -24,6 +24,7 @@ from logic.protocol import SamplingParams
 from logic.settings import Settings, get_settings
 from runners.client import BUSY
 from runners.engine_errors import EngineBusyError
+from runners.traffic import fix_request_timeout
 
 if TYPE_CHECKING:
     from runners.engine import GenerationEngine
@@ -51,6 +52,7 @@ def pin_bento_model(settings: Settings, here: Path = Path(__file__)) -> None:
 
 settings = get_settings()
 pin_bento_model(settings)
+fix_request_timeout()  # for both services: service.py imports this module too
 
 
 def create_engine(model_path: str | Path) -> GenerationEngine:

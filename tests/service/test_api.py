@@ -351,6 +351,15 @@ def test_native_bentoml_endpoints(client):
     assert bad.status_code == 400 and "max_tokens" in bad.text
 
 
+@pytest.mark.parametrize("path", ["/chat_completion", "/chat_stream"])
+def test_native_endpoints_refuse_a_body_that_is_not_json(client, path):
+    # BentoML's own parser answered a multipart type without a boundary with a 500.
+    headers = {"Content-Type": "multipart/form-data"}
+    resp = client.post(path, content=b'{"messages": []}', headers=headers)
+    assert resp.status_code == 415
+    assert resp.json()["error"]["code"] == "unsupported_media_type"
+
+
 def test_response_format_through_the_sdk(api):
     # The tiny random model cannot write JSON: the answer fails the format, a 422.
     with pytest.raises(openai.UnprocessableEntityError) as info:
