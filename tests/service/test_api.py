@@ -150,7 +150,8 @@ def test_wrong_routes_get_openai_shaped_errors(client, method, path, status):
     assert resp.status_code == status
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     if status == 405:  # RFC 9110: a 405 lists the methods the route has
-        assert resp.headers["allow"] in {"POST", "GET, HEAD"}
+        allowed = {m.strip() for m in resp.headers["allow"].split(",")}
+        assert allowed in ({"POST"}, {"GET", "HEAD"})
 
 
 def test_the_v1_routes_describe_themselves_in_openapi(client):
