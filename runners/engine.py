@@ -26,6 +26,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,7 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     refused: int = 0  # turned away at once: max_in_flight reached
+    busy_seconds: float = 0.0  # wall time in steps (forward pass and sampling)
     max_running: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
@@ -402,12 +404,14 @@ class GenerationEngine:
         work, members = self._schedule()
         if not work:
             return True
+        started = time.perf_counter()
         try:
             logits = self.batch_model.forward(work)
         except Exception as exc:  # a failed step fails requests, not the engine
             self._step_failed(members, work, exc)
             return True
-        self._advance(members, work, logits)
+        self._advance(members, work, logits)  # reads the sampled tokens: the device is done
+        self.stats.busy_seconds += time.perf_counter() - started
         return True
 
     def _idle(self) -> None:

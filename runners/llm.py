@@ -95,6 +95,8 @@ def engine_metrics(engine: GenerationEngine) -> str:
         ("engine_up", "gauge", "1 while the engine takes requests, 0 once it stopped.",
          int(not engine.closed)),
         ("steps_total", "counter", "Forward steps run.", stats.steps),
+        ("busy_seconds_total", "counter", "Seconds spent in steps (forward pass and sampling): "
+         "its rate is the model's busy fraction.", round(stats.busy_seconds, 6)),
         ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prefill_tokens),
         ("decode_tokens_total", "counter", "Tokens decoded after each first.", stats.decode_tokens),
         ("requests_finished_total", "counter", "Requests that ran to the end.", stats.finished),

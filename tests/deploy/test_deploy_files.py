@@ -112,7 +112,13 @@ def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
     (metric,) = runner_hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
     stats = types.SimpleNamespace(
-        steps=0, prefill_tokens=0, decode_tokens=0, finished=0, cancelled=0, refused=0
+        steps=0,
+        prefill_tokens=0,
+        decode_tokens=0,
+        finished=0,
+        cancelled=0,
+        refused=0,
+        busy_seconds=0.0,
     )
     engine = types.SimpleNamespace(
         running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False, stats=stats

@@ -86,6 +86,15 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_of_mixed_lengths(engine)
     assert engine.stats.steps - steps_before < sum(n for _, n in MIXED)
 
 
+def test_busy_time_counts_steps_and_not_the_idle_wait_between_them(engine):
+    busy_before, started = engine.stats.busy_seconds, time.perf_counter()
+    asyncio.run(collect(engine, PROMPT, greedy(8)))
+    time.sleep(0.3)  # idle: the engine waits for work, which is not busy time
+    busy = engine.stats.busy_seconds - busy_before
+    wall = time.perf_counter() - started
+    assert 0 < busy < wall - 0.3
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=1234)
     first, _ = generate(engine, PROMPT, **params.model_dump())
