@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := true
 STAMP := $(VENV)/.installed
 
 .PHONY: install model serve serve-monolith serve-runner serve-api test test-load lint format \
-	build containerize bench
+	build containerize bench bench-topology
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,3 +86,9 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: model $(BENCH_STAMP)
 	$(PY) -m bench.suite $(BENCH_ARGS)
+
+# Monolith vs split vs remote, measured here: docs/topology/report.md, results.json and plots.
+# Knobs: TOPOLOGY_ARGS="--clients 1,4,16 --api-workers 2 --logic-ms 0,20 --topologies ..."
+TOPOLOGY_ARGS ?=
+bench-topology: model
+	$(PY) -m bench.topology $(TOPOLOGY_ARGS)

@@ -1,0 +1,34 @@
+"""A pre-processing step of adjustable weight, for the topology benchmark.
+
+``BENCH_LOGIC_MS`` milliseconds of pure-Python CPU work per request (holding the GIL, as
+tokenizing, templating, PII scrubbing, retrieval glue or policy checks in Python do). The
+servers load it with ``LLM_STEP_MODULES=bench.steps`` and name it in ``LLM_PRE_STEPS``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from logic.pipeline import Conversation, register_pre_step
+
+
+def burn(seconds: float) -> int:
+    """Spin the CPU in Python for ``seconds``; returns the work done (so it is not skipped)."""
+    end = time.perf_counter() + seconds
+    total = 0
+    while time.perf_counter() < end:
+        total += sum(range(200))
+    return total
+
+
+@register_pre_step("simulated_work", replace=True)
+def simulated_work(settings) -> object:
+    seconds = float(os.environ.get("BENCH_LOGIC_MS", "0")) / 1000
+
+    def step(conversation: Conversation) -> Conversation:
+        if seconds > 0:
+            burn(seconds)
+        return conversation
+
+    return step
