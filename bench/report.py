@@ -214,6 +214,18 @@ def markdown(rows: list[Row], meta: dict[str, Any], plots: list[str]) -> str:
         "",
         *[f"- {line}" for line in summary(rows).splitlines()],
         "",
+        "## Reading it",
+        "",
+        "- **model busy** is the share of the run the model spent in forward passes. Below "
+        "100% the accelerator waited: for requests, for the API, or for the CPU it shares. "
+        "The split is meant to keep it near 100% as the business logic grows heavier.",
+        "- Compare topologies at the same logic weight and clients. Where the monolith's "
+        "throughput falls and its TTFT rises with the logic weight while the split's hold, "
+        "the split pays; `cost / 1M tok` puts a price on it.",
+        "- On a host without a GPU the model and the API workers share the same cores, so the "
+        "split cannot give the model more compute: its hop and its extra processes cost a "
+        "little, and the monolith is expected to stay ahead.",
+        "",
         "## Every point",
         "",
         table(rows),

@@ -32,6 +32,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -182,9 +183,6 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
 
 def write_report(rows: list[Row], args: argparse.Namespace, command: str) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = plot(rows, out)
     meta = {
         "command": command,
         "machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
@@ -201,10 +199,25 @@ def write_report(rows: list[Row], args: argparse.Namespace, command: str) -> Pat
         "prices": Prices.load(args.prices),
         "prices_file": args.prices,
     }
+    return render(rows, meta, Path(args.out))
+
+
+def render(rows: list[Row], meta: dict, out: Path) -> Path:
+    """report.md, the plots and results.json (everything needed to render them again)."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(rows, out)
     (out / "report.md").write_text(markdown(rows, meta, [str(p) for p in plots]))
-    payload = {**meta, "prices": vars(meta["prices"]), "rows": [r.as_dict() for r in rows]}
+    payload = {**meta, "prices": asdict(meta["prices"]), "rows": [r.as_dict() for r in rows]}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     return out / "report.md"
+
+
+def rerender(results: Path) -> Path:
+    """The report of an earlier run again, from its results.json (no new measurement)."""
+    payload = json.loads(results.read_text())
+    rows = [Row(**row) for row in payload.pop("rows")]
+    payload["prices"] = Prices(**payload["prices"])
+    return render(rows, payload, results.parent)
 
 
 def _has_cuda() -> bool:
@@ -232,15 +245,23 @@ def main(argv: list[str] | None = None) -> int:
         default=list(TOPOLOGIES),
         help="monolith,split,remote",
     )
-    parser.add_argument("--requests", type=int, default=32, help="requests per point")
+    parser.add_argument("--requests", type=int, default=24, help="requests per point")
     parser.add_argument("--min-tokens", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model store tag (default LLM_MODEL)")
     parser.add_argument("--prices", default="bench/prices.yaml")
     parser.add_argument("--port", type=int, default=3300)
     parser.add_argument("--out", default="docs/topology")
-    args = parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--rerender",
+        metavar="RESULTS_JSON",
+        help="only write the report again from a run's results",
+    )
+    args = parser.parse_args(argv)
+    if args.rerender:
+        print(f"report: {rerender(Path(args.rerender))}")
+        return 0  # fmt: skip
     unknown = set(args.topologies) - set(TOPOLOGIES)
     if unknown:
         parser.error(f"unknown topologies: {', '.join(sorted(unknown))}")
