@@ -94,3 +94,19 @@ def test_the_report_shows_every_point_and_a_summary(tmp_path):
     line = summary(rows)
     assert "split 60.0 tok/s (8 clients, model busy 80%" in line
     assert "monolith 40.0 tok/s" in line
+
+
+def test_a_report_renders_again_from_its_results_without_measuring(tmp_path):
+    from bench.topology import render, rerender
+
+    result = summarize(_records(), wall=10.0)
+    rows = [make_row("split", 0.0, 2, result, busy=0.9, api_rss_mib=270.0, model_rss_mib=900.0,
+                     api_workers=2, prices=PRICES)]  # fmt: skip
+    meta = {
+        "command": "python -m bench.topology", "machine": "m", "date": "d", "model": "tiny",
+        "requests": 4, "min_tokens": 16, "max_tokens": 48, "api_workers": 2, "logic_ms": [0.0],
+        "prices": PRICES, "prices_file": "bench/prices.yaml",
+    }  # fmt: skip
+    first = render(rows, meta, tmp_path).read_text()
+    (tmp_path / "report.md").unlink()
+    assert rerender(tmp_path / "results.json").read_text() == first
