@@ -49,7 +49,7 @@ from logic.errors import (
     RunnerUnavailableError,
     from_validation_error,
 )
-from logic.logs import configure_logging, incoming_request_id, request_id
+from logic.logs import incoming_request_id, request_id
 from logic.model_files import ModelFiles
 from logic.openapi import openapi_spec
 from logic.protocol import (
@@ -64,7 +64,7 @@ from logic.protocol import (
 from logic.settings import get_settings
 from runners.client import RunnerBusyError, RunnerClient, read_chunks
 from runners.engine_errors import EngineBusyError, EngineClosedError
-from runners.llm import LLMRunner, create_engine, engine_metrics
+from runners.llm import LLMRunner, configure_worker_logging, create_engine, engine_metrics
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -429,7 +429,7 @@ class ChatAPI(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        _configure_worker_logging("ChatAPI")
+        configure_worker_logging("ChatAPI")
         self.chat = _chat_service(self.model, self._generate)
         api_app.state.chat = self.chat
         self._client = self._runner_client()
@@ -521,7 +521,7 @@ class Monolith(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        _configure_worker_logging("Monolith")
+        configure_worker_logging("Monolith")
         self.engine = create_engine(self.model.path)
         self.chat = _chat_service(
             self.model, lambda prompt_ids, params: _relay(self.engine.stream(prompt_ids, params))
@@ -531,15 +531,6 @@ class Monolith(NativeAPI):
     def __metrics__(self, content: str) -> str:
         """``/metrics``: BentoML's series, the API's, and the in-process engine's load."""
         return content + engine_metrics(self.engine)
-
-
-def _configure_worker_logging(service_name: str) -> None:
-    """JSON (or text) logs in a served worker; tests in one process keep pytest's."""
-    worker = bentoml.server_context.worker_index
-    if worker is not None:
-        configure_logging(
-            settings.log_format, settings.log_level, service=f"{service_name}:{worker}"
-        )
 
 
 class NativeJSONOnly:

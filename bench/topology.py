@@ -43,7 +43,6 @@ from bench.report import summary as summarize_rows
 from bench.serving import Target, WorkItem, make_workload, run_clients
 from bench.suite import server
 
-ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 START = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
 _BUSY = re.compile(r"^llm_runner_busy_seconds_total\s+(\S+)", re.MULTILINE)

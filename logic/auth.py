@@ -7,9 +7,9 @@ shows ``**********``; they are compared in constant time.
 from __future__ import annotations
 
 import hmac
-import json
 
 from pydantic import SecretStr
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from logic.errors import AuthenticationError
@@ -39,9 +39,9 @@ class MetricsGuard:
             and scope["path"].rstrip("/") == "/metrics"
             and not bearer_matches(scope, key)
         ):
-            body = json.dumps(AuthenticationError().to_body()).encode()
-            headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
+            error = AuthenticationError()
+            response = JSONResponse(
+                error.to_body(), error.status_code, headers={"WWW-Authenticate": "Bearer"}
+            )
+            return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -55,6 +55,16 @@ pin_bento_model(settings)
 fix_request_timeout()  # for both services: service.py imports this module too
 
 
+def configure_worker_logging(service_name: str) -> None:
+    """JSON (or text) logs in a served worker, labelled ``name:worker``; tests that build a
+    service in their own process keep pytest's logging."""
+    worker = bentoml.server_context.worker_index
+    if worker is not None:
+        logs.configure_logging(
+            settings.log_format, settings.log_level, service=f"{service_name}:{worker}"
+        )
+
+
 def create_engine(model_path: str | Path) -> GenerationEngine:
     """The engine for a store entry, on the device and dtype the settings ask for."""
     from runners.engine import (
@@ -128,9 +138,7 @@ class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        worker = bentoml.server_context.worker_index
-        if worker is not None:  # served: JSON logs; a test in one process keeps pytest's
-            logs.configure_logging(settings.log_format, settings.log_level, service="LLMRunner")
+        configure_worker_logging("LLMRunner")
         self.engine = create_engine(self.model.path)
 
     def __is_alive__(self) -> bool:
