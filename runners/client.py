@@ -25,6 +25,14 @@ from logic.protocol import GenerationChunk, SamplingParams
 
 # The code of the in-band error line a runner at capacity sends instead of tokens.
 BUSY = "runner_busy"
+# Seconds an idle connection to the runner is kept for reuse: below the runner's own.
+_IDLE_CONNECTION_SECONDS = 2.0
+# How a request fails when its connection was closed under it before any answer.
+_DROPPED_BEFORE_ANSWER = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientConnectionResetError,
+    aiohttp.ClientOSError,
+)
 
 
 class RunnerGenerationError(RuntimeError):
@@ -74,14 +82,15 @@ class RunnerClient:
     def _make_session(self) -> aiohttp.ClientSession:
         parsed = urlparse(self.url)
         # limit=0: every open stream holds a connection, and the runner batches them all.
-        connector: aiohttp.BaseConnector = aiohttp.TCPConnector(limit=0)
+        # An idle connection is dropped before the runner's server drops it (uvicorn: 5 s).
+        options = {"limit": 0, "keepalive_timeout": _IDLE_CONNECTION_SECONDS}
+        connector: aiohttp.BaseConnector
         if parsed.scheme == "file":
-            connector = aiohttp.UnixConnector(path=unquote(parsed.path), limit=0)
+            connector = aiohttp.UnixConnector(path=unquote(parsed.path), **options)
             base = "http://runner"
-        elif parsed.scheme == "tcp":
-            base = f"http://{parsed.netloc}"
         else:
-            base = self.url.rstrip("/")
+            connector = aiohttp.TCPConnector(**options)
+            base = f"http://{parsed.netloc}" if parsed.scheme == "tcp" else self.url.rstrip("/")
         return aiohttp.ClientSession(base_url=base, connector=connector, timeout=self._timeout)
 
     @property
@@ -101,7 +110,14 @@ class RunnerClient:
     ) -> AsyncIterator[GenerationChunk]:
         payload = {"prompt_ids": prompt_ids, "request_id": request_id, **params.model_dump()}
         headers = {"X-Request-ID": request_id} if request_id else None
-        response = await self.session.post("/generate", json=payload, headers=headers)
+        try:
+            response = await self.session.post("/generate", json=payload, headers=headers)
+        except _DROPPED_BEFORE_ANSWER as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # the runner cannot be reached: no second wait
+            # A kept-alive connection the runner closed as we sent: it never started this
+            # generation, so send it once more, on a new connection.
+            response = await self.session.post("/generate", json=payload, headers=headers)
         try:
             if response.status >= 400:
                 detail = (await response.text())[:200]

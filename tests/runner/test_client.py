@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -20,8 +21,11 @@ PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
 class FakeRunner:
     """Streams one token per 10 ms as NDJSON lines split mid-line; records hang-ups."""
 
-    def __init__(self, tokens: int, error_after: int | None = None, error: bytes = b""):
+    def __init__(
+        self, tokens: int, error_after: int | None = None, error: bytes = b"", drop: int = 0
+    ):
         self.tokens, self.error_after = tokens, error_after
+        self.drop = drop  # this many requests get their connection closed, with no answer
         self.error = error or b'{"error": "generation failed: RuntimeError"}\n'
         self.received: list[dict] = []
         self.hung_up = asyncio.Event()
@@ -33,6 +37,9 @@ class FakeRunner:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.received.append(await request.json())
+        if len(self.received) <= self.drop:  # as a server closing an idle kept-alive connection
+            request.transport.close()
+            raise asyncio.CancelledError
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await response.prepare(request)
         try:
@@ -87,6 +94,41 @@ def test_streams_chunks_over_a_unix_socket(socket_path):
     assert chunks[-1].finish_reason == "length"
     assert fake.received[0]["prompt_ids"] == [1, 2, 3]
     assert fake.received[0]["max_new_tokens"] == 5
+
+
+def test_a_connection_closed_before_any_answer_is_retried_once_on_a_new_one(socket_path):
+    # A pooled connection the runner closes just as a request goes out: the runner never
+    # started that generation, so the request goes again rather than becoming a 503.
+    fake = FakeRunner(tokens=3, drop=1)
+
+    async def run():
+        async with client_of(fake, socket_path) as client:
+            return [c async for c in client.generate([1, 2], PARAMS, request_id="r-1")]
+
+    assert [c.token_ids[0] for c in asyncio.run(run())] == [0, 1, 2]
+    assert [r["request_id"] for r in fake.received] == ["r-1", "r-1"]
+
+
+def test_only_once_and_not_when_the_runner_cannot_be_reached(socket_path):
+    twice = FakeRunner(tokens=3, drop=2)
+
+    async def run():
+        async with client_of(twice, socket_path) as client:
+            return [c async for c in client.generate([1, 2], PARAMS)]
+
+    with pytest.raises(aiohttp.ClientError):
+        asyncio.run(run())
+    assert len(twice.received) == 2
+
+    async def unreachable():
+        client = RunnerClient(f"file://{socket_path}.missing", timeout=30)
+        try:
+            return [c async for c in client.generate([1, 2], PARAMS)]
+        finally:
+            await client.close()
+
+    with pytest.raises(aiohttp.ClientConnectorError):
+        asyncio.run(unreachable())
 
 
 def test_an_error_line_raises(socket_path):
