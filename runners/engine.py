@@ -37,7 +37,8 @@ from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
-from runners.engine_errors import EngineBusyError, EngineClosedError
+from runners.engine_api import EngineStats, Series
+from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -135,27 +136,15 @@ class _Request:
             self.cancelled = True
 
 
-@dataclass
-class EngineStats:
-    """Counters for logs, tests and benchmarks."""
-
-    steps: int = 0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    finished: int = 0
-    cancelled: int = 0
-    refused: int = 0  # turned away at once: max_in_flight reached
-    busy_seconds: float = 0.0  # wall time in steps (forward pass and sampling)
-    max_running: int = 0
-    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
-
-
 class GenerationEngine:
     """Streams generated tokens for many concurrent requests from one continuously batched model.
 
     ``stream`` may be called from any event loop (and from several). The model runs only on
-    the scheduler thread, so forward passes never overlap.
+    the scheduler thread, so forward passes never overlap. It is the ``native`` engine of
+    :class:`runners.engine_api.Engine`.
     """
+
+    name = "native"
 
     def __init__(
         self,
@@ -279,11 +268,17 @@ class GenerationEngine:
 
     def validate(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
-            raise ValueError("prompt_ids is empty")
+            raise EngineRequestError("The prompt is empty.")
         if len(prompt_ids) >= self.context_length:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens fills the context window")
+            raise EngineRequestError(
+                f"This model's maximum context length is {self.context_length} tokens; the "
+                f"prompt has {len(prompt_ids)}.",
+                code="context_length_exceeded",
+            )
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise ValueError(f"prompt_ids out of the vocabulary (0..{self.vocab_size - 1})")
+            raise EngineRequestError(
+                f"Prompt token ids must be in 0..{self.vocab_size - 1}.", param="prompt_ids"
+            )
 
     def _make_request(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
         generator = None
@@ -365,6 +360,9 @@ class GenerationEngine:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def extra_metrics(self) -> list[Series]:
+        return []
 
     @property
     def waiting(self) -> int:

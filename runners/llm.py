@@ -8,6 +8,7 @@ per line, so the stream can be re-framed whatever the transport does to chunk bo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import time
@@ -22,8 +23,9 @@ from logic import logs
 from logic.auth import MetricsGuard
 from logic.protocol import SamplingParams
 from logic.settings import Settings, get_settings
-from runners.client import BUSY
-from runners.engine_errors import EngineBusyError
+from runners.client import BUSY, INVALID, STOPPED
+from runners.engine_api import Engine, engine_metrics
+from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 from runners.traffic import fix_request_timeout
 
 if TYPE_CHECKING:
@@ -65,8 +67,31 @@ def configure_worker_logging(service_name: str) -> None:
         )
 
 
-def create_engine(model_path: str | Path) -> GenerationEngine:
-    """The engine for a store entry, on the device and dtype the settings ask for."""
+def resolve_engine(setting: str) -> str:
+    """The engine ``LLM_ENGINE`` names; ``auto`` is vllm when vLLM is installed and a CUDA GPU
+    is visible, else native (on a CPU ours starts in seconds where vLLM compiles first)."""
+    if setting != "auto":
+        return setting
+    if importlib.util.find_spec("vllm") is None:
+        return "native"
+    import torch  # the runner's process only
+
+    return "vllm" if torch.cuda.is_available() else "native"
+
+
+def create_engine(model_path: str | Path) -> Engine:
+    """The one place an engine is chosen and built, on a store entry's files."""
+    choice = resolve_engine(settings.engine)
+    if choice == "vllm":
+        from runners.vllm_engine import VLLMEngine
+
+        return VLLMEngine.load(model_path, settings)
+    # Our engine: "auto" batches Llama-family models and falls back to transformers' unbatched
+    # path for others; "native" insists on the batched path, "transformers" on the other.
+    return _native_engine(model_path, backend=settings.engine)
+
+
+def _native_engine(model_path: str | Path, backend: str) -> GenerationEngine:
     from runners.engine import (
         GenerationEngine,  # torch is imported here, never at module level
     )
@@ -76,7 +101,7 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
         device=settings.device,
         dtype=settings.dtype,
         threads=settings.torch_threads,
-        backend=settings.engine,
+        backend=backend,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_in_flight=settings.runner_max_in_flight,
@@ -84,47 +109,12 @@ def create_engine(model_path: str | Path) -> GenerationEngine:
     )
 
 
-def engine_metrics(engine: GenerationEngine) -> str:
-    """The engine's load in Prometheus text format, for autoscalers and dashboards.
-
-    ``llm_runner_requests_in_flight`` (running + waiting) is what the Kubernetes
-    HorizontalPodAutoscaler of the runner scales on.
-    """
-    stats = engine.stats
-    series = [
-        ("requests_running", "gauge", "Sequences in the running batch.", engine.running),
-        ("requests_waiting", "gauge", "Requests queued for a batch slot.", engine.waiting),
-        (
-            "requests_in_flight",
-            "gauge",
-            "Requests running or waiting: the runner's autoscaling metric.",
-            engine.running + engine.waiting,
-        ),
-        ("batch_slots", "gauge", "Most sequences in one step.", engine.max_batch_size),
-        ("max_in_flight", "gauge", "Requests held at most; more get a 429.", engine.max_in_flight),
-        ("engine_up", "gauge", "1 while the engine takes requests, 0 once it stopped.",
-         int(not engine.closed)),
-        ("steps_total", "counter", "Forward steps run.", stats.steps),
-        ("busy_seconds_total", "counter", "Seconds spent in steps (forward pass and sampling): "
-         "its rate is the model's busy fraction.", round(stats.busy_seconds, 6)),
-        ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prefill_tokens),
-        ("decode_tokens_total", "counter", "Tokens decoded after each first.", stats.decode_tokens),
-        ("requests_finished_total", "counter", "Requests that ran to the end.", stats.finished),
-        ("requests_cancelled_total", "counter", "Requests whose client left.", stats.cancelled),
-        ("requests_refused_total", "counter", "Requests turned away at max_in_flight (a 429).",
-         stats.refused),
-    ]  # fmt: skip
-    lines = []
-    for name, kind, help_text, value in series:
-        lines += [
-            f"# HELP llm_runner_{name} {help_text}",
-            f"# TYPE llm_runner_{name} {kind}",
-            f"llm_runner_{name} {value}",
-        ]
-    return "\n".join(lines) + "\n"
+def runner_gpus() -> int:
+    """GPUs the runner asks for: vLLM splits the model over ``LLM_VLLM_TENSOR_PARALLEL_SIZE``."""
+    return settings.vllm_tensor_parallel_size if settings.engine == "vllm" else 1
 
 
-_resources: dict[str, object] = {"gpu": 1, "memory": settings.runner_memory}
+_resources: dict[str, object] = {"gpu": runner_gpus(), "memory": settings.runner_memory}
 if settings.runner_gpu_type:
     _resources["gpu_type"] = settings.runner_gpu_type
 
@@ -140,6 +130,11 @@ class LLMRunner:
     def __init__(self) -> None:
         configure_worker_logging("LLMRunner")
         self.engine = create_engine(self.model.path)
+
+    @bentoml.on_shutdown
+    def _close_engine(self) -> None:
+        """After the graceful drain: stop the engine (vLLM: its engine-core processes too)."""
+        self.engine.close()
 
     def __is_alive__(self) -> bool:
         """``/livez``: False once the engine's scheduler died, so an orchestrator restarts us."""
@@ -197,6 +192,11 @@ class LLMRunner:
         except EngineBusyError:
             # Backpressure, not a failure: the API answers 429 with Retry-After.
             yield json.dumps({"error": "the runner is at capacity", "code": BUSY}) + "\n"
+        except EngineRequestError as exc:  # the client's fault: the API answers 400
+            error = {"error": str(exc), "code": INVALID, "reason": exc.code, "param": exc.param}
+            yield json.dumps(error) + "\n"
+        except EngineClosedError:  # the API answers 503, as for a runner that is away
+            yield json.dumps({"error": "the engine stopped", "code": STOPPED}) + "\n"
         except (ValueError, RuntimeError) as exc:
             # Headers are gone once a stream starts: report in-band, keep the details here.
             logger.exception("generation failed")

