@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     vllm_prefix_caching: bool = Field(
         True, description="vLLM: reuse the KV cache of prompt prefixes already computed."
     )
+    vllm_shutdown_timeout: int = Field(
+        90,
+        ge=0,
+        description="vLLM: seconds its engine core lets requests in flight finish once it is "
+        "told to stop. BentoML signals it together with the runner on SIGTERM, so keep this at "
+        "least the server's --timeout-graceful-shutdown; 0 aborts them at once.",
+    )
     vllm_kv_cache_gib: float | None = Field(
         None,
         gt=0.0,

@@ -73,6 +73,9 @@ def engine_args(path: str | Path, settings: Settings, *, on_gpu: bool) -> AsyncE
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         enforce_eager=settings.vllm_enforce_eager,
         enable_prefix_caching=settings.vllm_prefix_caching,
+        # BentoML stops a worker's children with it (circus' stop_children): on SIGTERM the
+        # engine core must drain, not abort, what the runner is still streaming.
+        shutdown_timeout=settings.vllm_shutdown_timeout,
         max_logprobs=MAX_TOP_LOGPROBS,
         # Logprobs after penalties and temperature, as the native engine reports them.
         logprobs_mode="processed_logprobs",

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from runners.llm import engine_metrics
+from runners.engine_api import engine_metrics
 from tests.served import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -121,8 +121,9 @@ def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
         busy_seconds=0.0,
     )
     engine = types.SimpleNamespace(
-        running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False, stats=stats
-    )
+        name="native", running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False,
+        stats=stats, extra_metrics=list,
+    )  # fmt: skip
     exported = engine_metrics(engine).splitlines()
     assert f"{name} 5" in exported  # the series the runner serves on /metrics
     adapter = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
@@ -151,11 +152,12 @@ def _check_keys(value: typing.Any, hint: typing.Any, path: str) -> None:
             _check_keys(item, fields[key], f"{path}.{key}")
 
 
-def test_the_bentocloud_config_uses_only_keys_bentoml_deploy_accepts():
+@pytest.mark.parametrize("name", ["bentocloud.yaml", "bentocloud.vllm.yaml"])
+def test_the_bentocloud_config_uses_only_keys_bentoml_deploy_accepts(name):
     from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
     from bentoml._internal.cloud.schemas.utils import cattr
 
-    config = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
+    config = yaml.safe_load((DEPLOY / name).read_text())
     # `bentoml deploy -f` reads name, bento and cluster itself; the rest is the schema.
     body = {k: v for k, v in config.items() if k != "cluster"}
     _check_keys(body, CreateDeploymentSchema, "config")
@@ -165,6 +167,21 @@ def test_the_bentocloud_config_uses_only_keys_bentoml_deploy_accepts():
     assert runner.scaling.min_replicas in (0, 1) and runner.scaling.max_replicas >= 1
     assert structured.services["ChatAPI"].instance_type.startswith("cpu")
     assert structured.secrets and structured.bento.startswith("llm-bundle")
+
+
+def test_the_vllm_configs_select_the_vllm_bento_and_engine():
+    cloud = yaml.safe_load((DEPLOY / "bentocloud.vllm.yaml").read_text())
+    assert cloud["bento"] == "llm-bundle-vllm:latest"  # what `make build ENGINE=vllm` names
+    runner_env = {e["name"]: e["value"] for e in cloud["services"]["LLMRunner"]["envs"]}
+    assert runner_env["LLM_ENGINE"] == "vllm"
+    default = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
+    assert cloud["services"]["ChatAPI"] == default["services"]["ChatAPI"]  # the API unchanged
+    config = _one(_k8s_objects(), "ConfigMap", "llm-bundle-config")
+    assert config["data"]["LLM_ENGINE"] == "auto"  # vLLM where the image has it and a GPU
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    runner = compose["services"]["runner"]
+    assert runner["image"] == "${LLM_BUNDLE_IMAGE:-llm-bundle:latest}"
+    assert runner["environment"]["LLM_ENGINE"] == "${LLM_ENGINE:-auto}"
 
 
 def test_the_key_check_refuses_a_misspelt_key():

@@ -13,7 +13,16 @@ import pytest
 from aiohttp import web
 
 from logic.protocol import SamplingParams
-from runners.client import BUSY, RunnerBusyError, RunnerClient, RunnerGenerationError
+from runners.client import (
+    BUSY,
+    INVALID,
+    STOPPED,
+    RunnerBusyError,
+    RunnerClient,
+    RunnerGenerationError,
+    RunnerRequestError,
+    RunnerStoppedError,
+)
 
 PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
 
@@ -202,3 +211,31 @@ def test_readiness_follows_the_runner_and_a_missing_runner_is_not_ready(socket_p
         return up, loading, gone
 
     assert asyncio.run(run()) == (True, False, False)
+
+
+@pytest.mark.parametrize(
+    ("line", "error", "fields"),
+    [
+        (
+            {"error": "the prompt is too long", "code": INVALID,
+             "reason": "context_length_exceeded", "param": None},
+            RunnerRequestError,
+            {"code": "context_length_exceeded", "param": None},
+        ),
+        (
+            {"error": "not that way", "code": INVALID, "reason": "unsupported_parameter",
+             "param": "top_p"},
+            RunnerRequestError,
+            {"code": "unsupported_parameter", "param": "top_p"},
+        ),
+        ({"error": "the engine stopped", "code": STOPPED}, RunnerStoppedError, {}),
+        ({"error": "generation failed: RuntimeError"}, RunnerGenerationError, {}),
+    ],
+)  # fmt: skip
+def test_in_band_errors_say_what_kind_of_failure_they_are(line, error, fields):
+    from runners.client import error_from_line
+
+    raised = error_from_line(line)
+    assert type(raised) is error and str(raised) == line["error"]
+    for name, value in fields.items():
+        assert getattr(raised, name) == value

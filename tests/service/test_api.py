@@ -451,3 +451,38 @@ def test_cors_is_off_by_default_and_on_for_the_origins_configured(client, monkey
         refused = browser.get("/models", headers={"Origin": "https://app.example.com"})
         assert refused.status_code == 401  # CORS does not open the door: the key still counts
         assert refused.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+def test_what_the_engine_refuses_is_a_400_and_a_stopped_engine_a_503(client, monkeypatch):
+    import inspect
+
+    import service
+    from runners.engine_errors import EngineClosedError, EngineRequestError
+
+    runner = inspect.getattr_static(service.ChatAPI.inner, "runner").get()
+
+    def refuse(prompt_ids):
+        raise EngineRequestError("Not on this engine.", code="unsupported_parameter", param="top_p")
+
+    monkeypatch.setattr(runner.engine, "validate", refuse)
+    for stream in (False, True):
+        body = {"messages": USER, "max_tokens": 2, "stream": stream}
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400
+        error = resp.json()["error"]
+        assert (error["message"], error["code"], error["param"]) == (
+            "Not on this engine.", "unsupported_parameter", "top_p",
+        )  # fmt: skip
+
+    def stopped(request):
+        raise EngineClosedError("the engine is shut down")
+
+    monkeypatch.setattr(runner.engine, "validate", lambda prompt_ids: None)
+    monkeypatch.setattr(runner.engine, "_submit", stopped)
+    for stream in (False, True):
+        body = {"messages": USER, "max_tokens": 2, "stream": stream}
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "runner_unavailable"
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).is_success

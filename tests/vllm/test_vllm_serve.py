@@ -1,0 +1,373 @@
+"""The vLLM engine behind the same runner API, served for real: answers equal to the native
+engine's, the whole OpenAI surface, cancellation, backpressure, faults and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from bench.serving import Target, WorkItem, run_drop
+from logic.protocol import ChatCompletionRequest
+from logic.settings import DEFAULT_MODEL
+from tests.conftest import USER_BENTOML_HOME
+from tests.e2e.test_faults import LONG, Outcome, _exit_within, _start, _stream, _whole
+from tests.served import ServedProcess, scrape
+from tests.vllm.conftest import START_TIMEOUT, serve_vllm
+
+# Prompts whose greedy answers are compared token for token with the native engine's.
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "What is 12 times 12?",
+    "Give me a short tip for learning to cook.",
+]
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def _ask(client: openai.OpenAI, prompt: str, **kwargs):
+    return client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}], **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def client(vllm_split: ServedProcess) -> openai.OpenAI:
+    return _client(vllm_split.url)
+
+
+@pytest.fixture(scope="module")
+def native_chat() -> Iterator:
+    """The same business logic on the native engine, in this process, with the served
+    defaults (not the test settings the root conftest puts in the environment)."""
+    from logic.chat import ChatCompletionService
+    from logic.model_files import ModelFiles
+    from logic.settings import Settings
+    from runners.engine import GenerationEngine
+
+    path = _latest(Path(USER_BENTOML_HOME) / "models" / DEFAULT_MODEL)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    with mock.patch.dict(os.environ, clean, clear=True):
+        settings = Settings()
+    engine = GenerationEngine.load(path, device="cpu", dtype="float32")
+    loop = asyncio.new_event_loop()
+    chat = ChatCompletionService(ModelFiles.load(path), settings, engine.stream)
+
+    def create(**body):
+        request = ChatCompletionRequest.model_validate({"model": DEFAULT_MODEL, **body})
+        return loop.run_until_complete(chat.create(request))
+
+    yield create
+    engine.close()
+    loop.close()
+
+
+def _latest(models_dir: Path) -> str:
+    """The store entry `latest` points at (what `bentoml serve` loads)."""
+    version = (models_dir / "latest").read_text().strip()
+    return str(models_dir / version)
+
+
+# ---------------------------------------------------------------- the same answers
+
+
+def test_greedy_answers_match_the_native_engine_token_for_token(client, native_chat):
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ours = native_chat(messages=messages, temperature=0, max_tokens=48)
+        theirs = _ask(client, prompt, temperature=0, max_tokens=48)
+        assert theirs.choices[0].message.content == ours.choices[0].message.content, prompt
+        assert theirs.choices[0].finish_reason == ours.choices[0].finish_reason
+        usage = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert [getattr(theirs.usage, f) for f in usage] == [getattr(ours.usage, f) for f in usage]
+
+
+def test_penalties_and_logprobs_mean_the_same_on_both_engines(client, native_chat):
+    prompt = "List the days of the week, then list them again."
+    sampling = {"temperature": 0, "max_tokens": 40, "frequency_penalty": 1.5,
+                "presence_penalty": 0.5, "logprobs": True, "top_logprobs": 3}  # fmt: skip
+    ours = native_chat(messages=[{"role": "user", "content": prompt}], **sampling)
+    theirs = _ask(client, prompt, **sampling)
+    plain = _ask(client, prompt, temperature=0, max_tokens=40)
+    assert theirs.choices[0].message.content == ours.choices[0].message.content
+    assert theirs.choices[0].message.content != plain.choices[0].message.content  # it bites
+    ours_lp = ours.choices[0].logprobs.content
+    theirs_lp = theirs.choices[0].logprobs.content
+    assert [e.token for e in theirs_lp] == [e.token for e in ours_lp]
+    for mine, other in zip(ours_lp, theirs_lp, strict=True):
+        # After penalties (greedy: temperature 1): the same distribution, to float noise.
+        assert other.logprob == pytest.approx(mine.logprob, abs=2e-3)
+        assert len(other.top_logprobs) == 3
+        assert [t.token for t in other.top_logprobs][:1] == [t.token for t in mine.top_logprobs][:1]
+        assert other.top_logprobs[0].logprob >= other.top_logprobs[-1].logprob
+
+
+# ---------------------------------------------------------------- the OpenAI surface
+
+
+def test_streamed_answer_equals_the_whole_one(client):
+    whole = _ask(client, PROMPTS[0], temperature=0, max_tokens=40)
+    stream = _ask(
+        client, PROMPTS[0], temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
+    assert text == whole.choices[0].message.content and "Paris" in text
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_n_choices_are_sampled_and_a_seed_repeats_them(client):
+    kwargs = {"temperature": 1.0, "max_tokens": 24, "n": 3, "seed": 7}
+    first = _ask(client, "Tell me a short story.", **kwargs)
+    again = _ask(client, "Tell me a short story.", **kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert all(texts)
+    assert texts == [c.message.content for c in again.choices]  # seeded: reproducible
+    assert len(set(texts)) > 1  # each choice sampled on its own
+    streamed = _ask(client, "Tell me a short story.", stream=True, **kwargs)
+    by_choice: dict[int, str] = {}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            by_choice[choice.index] = by_choice.get(choice.index, "") + (choice.delta.content or "")
+    assert [by_choice[i] for i in range(3)] == texts
+
+
+def test_stop_strings_end_the_answer_before_them(client):
+    whole = _ask(client, PROMPTS[0], temperature=0, max_tokens=40)
+    assert "Paris" in whole.choices[0].message.content
+    cut = _ask(client, PROMPTS[0], temperature=0, max_tokens=40, stop=["Paris"])
+    assert cut.choices[0].finish_reason == "stop"
+    before = whole.choices[0].message.content.split("Paris")[0]
+    assert cut.choices[0].message.content == before.rstrip()  # trailing space: the cleanup step
+
+
+def test_what_vllm_computes_differently_is_a_400_not_a_silent_difference(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _ask(client, PROMPTS[0], temperature=0.7, top_p=0.5, logprobs=True, max_tokens=8)
+    error = caught.value.body
+    assert error["param"] == "top_p" and error["code"] == "unsupported_parameter"
+    # The same request without logprobs, or greedy with logprobs, is served.
+    assert _ask(client, PROMPTS[0], temperature=0.7, top_p=0.5, max_tokens=8).choices
+    assert _ask(client, PROMPTS[0], temperature=0, top_p=0.5, logprobs=True, max_tokens=8)
+
+
+def test_a_prompt_past_the_engines_window_is_a_400(client):
+    # LLM_VLLM_MAX_MODEL_LEN=4096 is below the model's own window (8192), which the API checks.
+    long = "word " * 5000
+    with pytest.raises(openai.BadRequestError) as caught:
+        _ask(client, long, max_tokens=8)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert _ask(client, PROMPTS[0], temperature=0, max_tokens=8).choices  # still serving
+
+
+def test_runner_metrics_come_from_vllms_own_stats(vllm_split, client):
+    before = scrape(vllm_split.url)
+    prefix = "You are a meticulous assistant. " * 150  # the same long system prompt twice
+    for question in ("What is 2+2?", "What is 3+3?"):
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, temperature=0, max_tokens=8,
+            messages=[{"role": "system", "content": prefix}, {"role": "user", "content": question}],
+        )  # fmt: skip
+    after = scrape(vllm_split.url)
+
+    def grew(name: str) -> float:
+        return after[(name, ())] - before.get((name, ()), 0.0)
+
+    assert after[("llm_runner_engine_info", (("engine", "vllm"),))] == 1
+    assert after[("llm_runner_engine_up", ())] == 1
+    assert grew("llm_runner_requests_finished_total") == 2
+    assert grew("llm_runner_steps_total") >= 2 * 7  # a prefill and 7 decodes each, at least
+    assert grew("llm_runner_decode_tokens_total") >= 2 * 7
+    assert grew("llm_runner_busy_seconds_total") > 0
+    # The second question reuses the first one's system prompt from the prefix cache (whole
+    # KV blocks of it: 128 tokens a block on vLLM's CPU backend).
+    queried = grew("llm_runner_prefix_cache_queries_total")
+    assert queried >= 2 * 750
+    assert grew("llm_runner_prefix_cache_hits_total") >= 512
+    assert 0 <= after[("llm_runner_kv_cache_usage_ratio", ())] <= 1
+
+
+# ---------------------------------------------------------------- cancellation and limits
+
+
+def test_dropped_long_streams_free_the_engine(vllm_split):
+    cancelled_before = scrape(vllm_split.url)[("llm_runner_requests_cancelled_total", ())]
+    drop = asyncio.run(
+        run_drop(
+            Target("vllm", f"{vllm_split.url}/v1", DEFAULT_MODEL),
+            WorkItem("Explain the water cycle in detail.", 48),
+            streams=16,
+            tokens=1000,
+        )
+    )
+    assert not drop["errors"], drop
+    assert drop["ratio"] <= 2.0, drop  # nobody generates for the 16 that left
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = scrape(vllm_split.url)
+        if metrics[("llm_runner_requests_in_flight", ())] == 0:
+            break
+        time.sleep(0.2)
+    assert metrics[("llm_runner_requests_in_flight", ())] == 0
+    assert metrics[("llm_runner_requests_cancelled_total", ())] - cancelled_before >= 16
+
+
+def test_overload_is_a_429_model_at_capacity(vllm_split):
+    body = {"messages": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
+    statuses: list[int] = []
+    codes: list[str] = []
+
+    def one() -> None:
+        with httpx.stream(
+            "POST", f"{vllm_split.url}/v1/chat/completions", json=body, timeout=120
+        ) as response:
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                response.read()
+                codes.append(response.json()["error"]["code"])
+                assert response.headers["retry-after"]
+
+    refused_before = scrape(vllm_split.url)[("llm_runner_requests_refused_total", ())]
+    threads = [threading.Thread(target=one) for _ in range(32)]  # the runner holds 16
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = scrape(vllm_split.url)[("llm_runner_requests_refused_total", ())] - refused_before
+    assert len(statuses) == 32 and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 8 and set(codes) == {"model_at_capacity"}, (statuses, refused)
+    assert refused == statuses.count(429)  # each 429 is a refusal the runner counted
+    assert statuses.count(200) >= 8
+
+
+# ---------------------------------------------------------------- the monolith
+
+
+def test_the_monolith_serves_the_same_answers_on_vllm(client):
+    with serve_vllm("Monolith") as monolith:
+        mono = _client(monolith.url)
+        for prompt in PROMPTS[:3]:
+            one = _ask(mono, prompt, temperature=0, max_tokens=32).choices[0].message.content
+            other = _ask(client, prompt, temperature=0, max_tokens=32).choices[0].message.content
+            assert one == other
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in _ask(mono, PROMPTS[0], temperature=0, max_tokens=32, stream=True)
+            if c.choices
+        )
+        assert "Paris" in streamed
+        metrics = scrape(monolith.url)
+        assert metrics[("llm_runner_engine_info", (("engine", "vllm"),))] == 1
+
+
+# ---------------------------------------------------------------- faults and shutdown
+
+
+def _runner(served: ServedProcess) -> psutil.Process:
+    (runner,) = [
+        p for p in served.process.children(recursive=True)
+        if "--service-name LLMRunner" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    return runner
+
+
+def _in_flight(url: str, n: int, max_tokens: int = 1000) -> tuple[list, list[Outcome], Outcome]:
+    streams = [Outcome() for _ in range(n)]
+    whole = Outcome()
+    threads = [_start(_stream, url, max_tokens, o) for o in streams]
+    threads.append(_start(_whole, url, max_tokens, whole))
+    for outcome in streams:
+        assert outcome.first_token.wait(60) and outcome.error is None
+    return threads, streams, whole
+
+
+def _assert_failed_fast(threads, streams, whole, since: float) -> None:
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a request hung after the engine died"
+    for outcome in streams:  # an error event, then the end of the stream, within seconds
+        assert outcome.status == 200 and outcome.error is None
+        at, last_data = outcome.events[-2]
+        assert json.loads(last_data)["error"]["code"] == "runner_unavailable"
+        assert outcome.events[-1][1] == "[DONE]"
+        assert at - since < 10
+    assert whole.status == 503 and whole.headers["retry-after"]
+    assert whole.ended_at - since < 10
+
+
+def test_a_dead_engine_fails_health_and_requests_then_a_new_runner_serves():
+    with serve_vllm("ChatAPI") as split:
+        runner = _runner(split)
+        # 1. vLLM's engine core dies under the runner: requests in flight get 503s, and the
+        #    runner's /livez and /readyz fail (an orchestrator would restart it).
+        threads, streams, whole = _in_flight(split.url, 2)
+        (core,) = [p for p in runner.children(recursive=True) if "EngineCore" in p.name()]
+        killed = time.monotonic()
+        core.kill()
+        _assert_failed_fast(threads, streams, whole, killed)
+        metrics_deadline = time.monotonic() + 30
+        while time.monotonic() < metrics_deadline:
+            if httpx.get(f"{split.url}/readyz", timeout=5).status_code == 503:
+                break
+            time.sleep(0.5)
+        assert httpx.get(f"{split.url}/readyz", timeout=5).status_code == 503
+        assert httpx.get(f"{split.url}/livez", timeout=5).status_code == 200  # the API lives
+        after = httpx.post(
+            f"{split.url}/v1/chat/completions",
+            json={"messages": LONG, "max_tokens": 8}, timeout=30,
+        )  # fmt: skip
+        assert after.status_code == 503 and after.json()["error"]["code"] == "runner_unavailable"
+
+        # 2. The runner process itself killed: `bentoml serve` starts a new one, vLLM and all,
+        #    and the API serves again without a restart.
+        runner.kill()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if httpx.get(f"{split.url}/readyz", timeout=5).status_code == 200:
+                break
+            time.sleep(1)
+        answer = _ask(_client(split.url), PROMPTS[0], temperature=0, max_tokens=16)
+        assert "Paris" in answer.choices[0].message.content
+        # The dead runner's engine-core processes did not outlive it.
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [core])
+
+
+def test_sigterm_drains_answers_in_flight_then_exits():
+    with serve_vllm("ChatAPI", "--timeout-graceful-shutdown", "60") as served:
+        stream, whole = Outcome(), Outcome()
+        threads = [_start(_stream, served.url, 60, stream), _start(_whole, served.url, 60, whole)]
+        assert stream.first_token.wait(60)
+        processes = served.process.children(recursive=True)
+        os.kill(served.proc.pid, signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(httpx.TransportError):  # no new requests
+            httpx.post(f"{served.url}/v1/models", timeout=5)
+        for thread in threads:
+            thread.join(90)
+        assert stream.error is None and json.loads(stream.events[-2][1])["choices"][0][
+            "finish_reason"
+        ] in ("length", "stop")
+        assert stream.events[-1][1] == "[DONE]"
+        assert whole.status == 200
+        assert _exit_within(served, 90) < 90
+        gone = psutil.wait_procs(processes, timeout=30)[1]
+        assert not gone, f"left running: {[p.cmdline() for p in gone]}"
