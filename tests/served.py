@@ -30,8 +30,17 @@ def free_port() -> int:
 class ServedProcess:
     """``command`` listening on ``port``; ``start`` waits for its ``/readyz``."""
 
-    def __init__(self, command: list[str], *, port: int, env: dict[str, str], cwd: Path = ROOT):
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        port: int,
+        env: dict[str, str],
+        cwd: Path = ROOT,
+        start_timeout: float = 180,
+    ):
         self.command = [*command, "--host", "127.0.0.1", "--port", str(port)]
+        self.start_timeout = start_timeout
         self.url = f"http://127.0.0.1:{port}"
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
@@ -58,7 +67,8 @@ class ServedProcess:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 180) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
+        timeout = timeout or self.start_timeout
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -73,9 +83,9 @@ class ServedProcess:
                 pass
             time.sleep(0.5)
 
-    def start(self, timeout: float = 180) -> ServedProcess:
+    def start(self, timeout: float | None = None) -> ServedProcess:
         self.launch()
-        self.wait_ready(timeout)
+        self.wait_ready(timeout or self.start_timeout)
         return self
 
     def stop(self) -> None:

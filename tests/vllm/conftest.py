@@ -41,7 +41,10 @@ def serve_vllm(service: str, *extra: str, **env: str) -> ServedProcess:
         **env,
     )
     return ServedProcess(
-        [BENTOML, "serve", f"service:{service}", *extra], port=free_port(), env=full_env
+        [BENTOML, "serve", f"service:{service}", *extra],
+        port=free_port(),
+        env=full_env,
+        start_timeout=START_TIMEOUT,
     )
 
 
@@ -50,6 +53,6 @@ def vllm_split() -> Iterator[ServedProcess]:
     """The split topology (ChatAPI + LLMRunner) on vLLM, shared by the tests that keep it up."""
     served = serve_vllm("ChatAPI")
     try:
-        yield served.start(START_TIMEOUT)
+        yield served.start()
     finally:
         served.close()

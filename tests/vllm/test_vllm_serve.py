@@ -23,7 +23,7 @@ from logic.protocol import ChatCompletionRequest
 from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.e2e.test_faults import LONG, Outcome, _exit_within, _start, _stream, _whole
-from tests.served import ServedProcess, scrape
+from tests.served import START_HTTP_SERVER, ServedProcess, free_port, scrape
 from tests.vllm.conftest import START_TIMEOUT, serve_vllm
 
 # Prompts whose greedy answers are compared token for token with the native engine's.
@@ -241,8 +241,8 @@ def test_overload_is_a_429_model_at_capacity(vllm_split):
             "POST", f"{vllm_split.url}/v1/chat/completions", json=body, timeout=120
         ) as response:
             statuses.append(response.status_code)
+            response.read()  # a stream read to its end holds its place in the runner
             if response.status_code == 429:
-                response.read()
                 codes.append(response.json()["error"]["code"])
                 assert response.headers["retry-after"]
 
@@ -277,6 +277,29 @@ def test_the_monolith_serves_the_same_answers_on_vllm(client):
         assert "Paris" in streamed
         metrics = scrape(monolith.url)
         assert metrics[("llm_runner_engine_info", (("engine", "vllm"),))] == 1
+
+
+def test_the_remote_topology_runs_an_api_that_does_not_know_the_engine():
+    """The runner alone on vLLM, the API alone pointed at its URL, as on two hosts; the API's
+    environment does not say which engine runs behind it."""
+    runner = serve_vllm("ChatAPI")
+    runner.command = [*START_HTTP_SERVER, "service:ChatAPI", "--service-name", "LLMRunner",
+                      *runner.command[-4:]]  # fmt: skip
+    with runner:
+        api_env = {k: v for k, v in runner.env.items() if not k.startswith("LLM_")}
+        api_env["LLM_API_WORKERS"] = "1"
+        api = ServedProcess(
+            [*START_HTTP_SERVER, "service:ChatAPI", "--depends", f"LLMRunner={runner.url}"],
+            port=free_port(),
+            env=api_env,
+            start_timeout=START_TIMEOUT,
+        )
+        with api:
+            answer = _ask(_client(api.url), PROMPTS[0], temperature=0, max_tokens=16)
+            assert "Paris" in answer.choices[0].message.content
+        metrics = scrape(runner.url)
+        assert metrics[("llm_runner_engine_info", (("engine", "vllm"),))] == 1
+        assert metrics[("llm_runner_requests_finished_total", ())] >= 1
 
 
 # ---------------------------------------------------------------- faults and shutdown
