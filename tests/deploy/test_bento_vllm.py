@@ -61,6 +61,10 @@ def test_the_vllm_bento_records_the_engine_vllm_and_the_runners_gpus(vllm_bento,
     for service in services.values():
         assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
 
+    packed = {p.relative_to(path / "src").as_posix() for p in (path / "src").rglob("*.py")}
+    assert {"service.py", "runners/vllm_engine.py", "runners/engine_api.py"} <= packed
+    assert all(p.startswith(("logic/", "runners/")) for p in packed - {"service.py"})
+
     lock = (path / "env" / "python" / "requirements.txt").read_text()
     pinned = {n.lower(): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M)}
     assert pinned["vllm"].startswith("0.32.")
