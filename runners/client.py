@@ -30,6 +30,8 @@ INVALID = "invalid_request"  # the engine cannot serve the request as asked (400
 STOPPED = "engine_stopped"  # the engine stopped or died (503)
 # Seconds an idle connection to the runner is kept for reuse: below the runner's own.
 _IDLE_CONNECTION_SECONDS = 2.0
+# How long a runner that dropped a request may take to say it is ready, for a retry.
+_RETRY_READY_SECONDS = 1.0
 # How a request fails when its connection was closed under it before any answer.
 _DROPPED_BEFORE_ANSWER = (
     aiohttp.ServerDisconnectedError,
@@ -143,7 +145,12 @@ class RunnerClient:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # the runner cannot be reached: no second wait
             # A kept-alive connection the runner closed as we sent: it never started this
-            # generation, so send it once more, on a new connection.
+            # generation, so send it once more, on a new connection; but only to a runner
+            # that answers now. One that died (killed mid-answer) is replaced behind the same
+            # socket by `bentoml serve`, and a retry would wait there for a whole restart
+            # (40 s and more for vLLM) instead of failing fast with a 503.
+            if not await self.ready(timeout=_RETRY_READY_SECONDS):
+                raise
             response = await self.session.post("/generate", json=payload, headers=headers)
         try:
             if response.status >= 400:

@@ -26,10 +26,12 @@ import contextlib
 import itertools
 import logging
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
@@ -41,6 +43,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from logic.protocol import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, SamplingParams
 from logic.protocol import TokenLogprob as OurLogprob
 from logic.settings import Settings
+from runners import orphans
 from runners.engine_api import EngineStats, Series
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 
@@ -203,6 +206,7 @@ class VLLMEngine:
         self._in_flight = 0
         self._ids = itertools.count()
         self._closed = False
+        self._watchdog: subprocess.Popen | None = None
 
     @classmethod
     def load(cls, path: str | Path, settings: Settings) -> VLLMEngine:
@@ -220,8 +224,13 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         args = engine_args(path, settings, on_gpu=on_gpu)
         step_stats = _StepStats()
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[step_stats.logger_factory()])
         self = cls(engine, step_stats, max_in_flight=settings.runner_max_in_flight)
+        # vLLM's engine core does not watch its parent: if the runner is killed outright,
+        # a watchdog kills it, so it cannot hold the model's memory beside a new runner.
+        helpers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        self._watchdog = orphans.guard(helpers)
         logger.info(
             "vLLM engine on %s (%s): %s, batch <= %d sequences, context %d, prefix caching %s",
             "cuda" if on_gpu else "cpu", args.dtype, path, self.max_batch_size,
@@ -342,3 +351,6 @@ class VLLMEngine:
         if not self._closed:
             self._closed = True
             self._engine.shutdown()
+            if self._watchdog is not None:
+                self._watchdog.terminate()
+                self._watchdog.wait(5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_a_connection_closed_before_any_answer_is_retried_once_on_a_new_one(sock
 
     assert [c.token_ids[0] for c in asyncio.run(run())] == [0, 1, 2]
     assert [r["request_id"] for r in fake.received] == ["r-1", "r-1"]
+
+
+def test_no_retry_to_a_runner_that_is_not_ready(socket_path):
+    # A runner killed mid-request also closes connections with no answer; its replacement
+    # is not ready yet, and the request fails at once rather than wait for it.
+    gone = FakeRunner(tokens=3, drop=1)
+    gone.ready_status = 503
+
+    async def run():
+        async with client_of(gone, socket_path) as client:
+            return [c async for c in client.generate([1, 2], PARAMS)]
+
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ClientError):
+        asyncio.run(run())
+    assert len(gone.received) == 1 and time.monotonic() - started < 2
 
 
 def test_only_once_and_not_when_the_runner_cannot_be_reached(socket_path):

@@ -337,41 +337,57 @@ def _assert_failed_fast(threads, streams, whole, since: float) -> None:
     assert whole.ended_at - since < 10
 
 
-def test_a_dead_engine_fails_health_and_requests_then_a_new_runner_serves():
+def _wait_ready(url: str, timeout: float = START_TIMEOUT) -> bool:
+    """Whether ``url``'s /readyz went false and then true again within ``timeout``."""
+    saw_unready, deadline = False, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/readyz", timeout=5).status_code
+        saw_unready |= status == 503
+        if status == 200 and saw_unready:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so():
     with serve_vllm("ChatAPI") as split:
+        # 1. The runner process killed mid-answer: 503s within seconds, and `bentoml serve`
+        #    starts a new runner, vLLM and all; the API serves again without a restart.
+        first = _runner(split)
+        cores = [p for p in first.children(recursive=True) if "EngineCore" in p.name()]
+        threads, streams, whole = _in_flight(split.url, 2)
+        killed = time.monotonic()
+        first.kill()
+        _assert_failed_fast(threads, streams, whole, killed)
+        assert httpx.get(f"{split.url}/livez", timeout=5).status_code == 200  # the API lives
+        assert _wait_ready(split.url), "/readyz never went false, then true again"
+        answer = _ask(_client(split.url), PROMPTS[0], temperature=0, max_tokens=16)
+        assert "Paris" in answer.choices[0].message.content
+        # The killed runner's vLLM engine core did not outlive it.
+        gone = psutil.wait_procs(cores, timeout=30)[1]
+        assert not gone, f"left running: {[p.cmdline() for p in gone]}"
+
+        # 2. vLLM's engine core dies under a live runner: requests in flight get 503s, the
+        #    runner's /livez and /readyz fail (an orchestrator restarts it), and so does the
+        #    API's /readyz; a new request is a 503 too, not a hang.
         runner = _runner(split)
-        # 1. vLLM's engine core dies under the runner: requests in flight get 503s, and the
-        #    runner's /livez and /readyz fail (an orchestrator would restart it).
         threads, streams, whole = _in_flight(split.url, 2)
         (core,) = [p for p in runner.children(recursive=True) if "EngineCore" in p.name()]
         killed = time.monotonic()
         core.kill()
         _assert_failed_fast(threads, streams, whole, killed)
-        metrics_deadline = time.monotonic() + 30
-        while time.monotonic() < metrics_deadline:
-            if httpx.get(f"{split.url}/readyz", timeout=5).status_code == 503:
-                break
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{split.url}/readyz", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/readyz stayed true with a dead engine"
             time.sleep(0.5)
-        assert httpx.get(f"{split.url}/readyz", timeout=5).status_code == 503
-        assert httpx.get(f"{split.url}/livez", timeout=5).status_code == 200  # the API lives
+        assert httpx.get(f"{split.url}/livez", timeout=5).status_code == 200
+        # The runner's own view (what its /livez and /readyz answer from), on the API's page.
+        assert scrape(split.url)[("llm_runner_engine_up", ())] == 0
         after = httpx.post(
             f"{split.url}/v1/chat/completions",
             json={"messages": LONG, "max_tokens": 8}, timeout=30,
         )  # fmt: skip
         assert after.status_code == 503 and after.json()["error"]["code"] == "runner_unavailable"
-
-        # 2. The runner process itself killed: `bentoml serve` starts a new one, vLLM and all,
-        #    and the API serves again without a restart.
-        runner.kill()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if httpx.get(f"{split.url}/readyz", timeout=5).status_code == 200:
-                break
-            time.sleep(1)
-        answer = _ask(_client(split.url), PROMPTS[0], temperature=0, max_tokens=16)
-        assert "Paris" in answer.choices[0].message.content
-        # The dead runner's engine-core processes did not outlive it.
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [core])
 
 
 def test_sigterm_drains_answers_in_flight_then_exits():
