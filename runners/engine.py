@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
-from runners.engine_api import EngineStats, Series
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.engine_api import EngineStats, Series, check_prompt
+from runners.engine_errors import EngineBusyError, EngineClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -267,18 +267,7 @@ class GenerationEngine:
     # -- the consumer side (any event loop) ------------------------------------------------
 
     def validate(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise EngineRequestError("The prompt is empty.")
-        if len(prompt_ids) >= self.context_length:
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.context_length} tokens; the "
-                f"prompt has {len(prompt_ids)}.",
-                code="context_length_exceeded",
-            )
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise EngineRequestError(
-                f"Prompt token ids must be in 0..{self.vocab_size - 1}.", param="prompt_ids"
-            )
+        check_prompt(prompt_ids, context_length=self.context_length, vocab_size=self.vocab_size)
 
     def _make_request(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
         generator = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from logic.protocol import GenerationChunk, SamplingParams
+from runners.engine_errors import EngineRequestError
 
 MetricKind = Literal["gauge", "counter"]
 
@@ -82,6 +83,22 @@ class Engine(Protocol):
     def close(self) -> None:
         """Stop the engine; requests still in it fail with ``EngineClosedError``."""
         ...
+
+
+def check_prompt(prompt_ids: list[int], *, context_length: int, vocab_size: int) -> None:
+    """What every engine refuses in a prompt, with the same 400 on each."""
+    if not prompt_ids:
+        raise EngineRequestError("The prompt is empty.")
+    if len(prompt_ids) >= context_length:
+        raise EngineRequestError(
+            f"This model's maximum context length is {context_length} tokens; the prompt has "
+            f"{len(prompt_ids)}.",
+            code="context_length_exceeded",
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise EngineRequestError(
+            f"Prompt token ids must be in 0..{vocab_size - 1}.", param="prompt_ids"
+        )
 
 
 def engine_metrics(engine: Engine) -> str:

@@ -44,7 +44,7 @@ from logic.protocol import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, Samp
 from logic.protocol import TokenLogprob as OurLogprob
 from logic.settings import Settings
 from runners import orphans
-from runners.engine_api import EngineStats, Series
+from runners.engine_api import EngineStats, Series, check_prompt
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 
 logger = logging.getLogger(__name__)
@@ -268,18 +268,7 @@ class VLLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """What vLLM would refuse, or compute differently from the native engine: a 400."""
-        if not prompt_ids:
-            raise EngineRequestError("The prompt is empty.")
-        if len(prompt_ids) >= self.context_length:
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.context_length} tokens; the "
-                f"prompt has {len(prompt_ids)}.",
-                code="context_length_exceeded",
-            )
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise EngineRequestError(
-                f"Prompt token ids must be in 0..{self.vocab_size - 1}.", param="prompt_ids"
-            )
+        check_prompt(prompt_ids, context_length=self.context_length, vocab_size=self.vocab_size)
         if params.logprobs and params.top_p < 1.0 and params.temperature >= GREEDY_BELOW:
             # vLLM takes sampled logprobs after the top-p cut (renormalized over the nucleus);
             # ours before it. Refused rather than answered with other numbers.

@@ -31,18 +31,23 @@ class BuiltBento:
     manifest: dict
 
 
-@pytest.fixture(scope="session")
-def bento(tiny_model_tag: str) -> BuiltBento:
+def build_bento(env: dict[str, str], *args: str) -> BuiltBento:
+    """`bentoml build ARGS` of this tree into the tests' store, with ``env`` on top."""
     result = subprocess.run(
-        [BENTOML, "build", "--output", "tag", "--label", "stage=test"],
+        [BENTOML, "build", "--output", "tag", *args],
         cwd=ROOT,
-        env={**os.environ, **BUILD_ENV},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     tag = re.search(r"__tag__:(\S+)", result.stdout).group(1)
     name, version = tag.split(":")
     path = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
     return BuiltBento(tag, path, yaml.safe_load((path / "bento.yaml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def bento(tiny_model_tag: str) -> BuiltBento:
+    return build_bento(BUILD_ENV, "--label", "stage=test")

@@ -4,35 +4,22 @@ parallel size. Built from this tree against the package registry, like the defau
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 
 from tests.conftest import TINY_MODEL
-from tests.served import BENTOML, ROOT
+from tests.deploy.conftest import BuiltBento, build_bento
+from tests.served import ROOT
 
 BUILD_ENV = {"LLM_MODEL": TINY_MODEL, "LLM_ENGINE": "vllm", "LLM_VLLM_TENSOR_PARALLEL_SIZE": "2"}
 
 
 @pytest.fixture(scope="module")
-def vllm_bento(tiny_model_tag: str) -> tuple[Path, dict]:
-    result = subprocess.run(
-        [BENTOML, "build", "-f", "bentofile.vllm.yaml", "--output", "tag"],
-        cwd=ROOT,
-        env={**os.environ, **BUILD_ENV},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    name, version = re.search(r"__tag__:(\S+)", result.stdout).group(1).split(":")
-    path = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
-    return path, yaml.safe_load((path / "bento.yaml").read_text())
+def vllm_bento(tiny_model_tag: str) -> BuiltBento:
+    return build_bento(BUILD_ENV, "-f", "bentofile.vllm.yaml")
 
 
 def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
@@ -51,7 +38,7 @@ def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
 
 
 def test_the_vllm_bento_records_the_engine_vllm_and_the_runners_gpus(vllm_bento, tiny_model_tag):
-    path, manifest = vllm_bento
+    path, manifest = vllm_bento.path, vllm_bento.manifest
     assert manifest["name"] == "llm-bundle-vllm" and manifest["labels"]["engine"] == "vllm"
     envs = {e["name"]: e["value"] for e in manifest["envs"]}
     assert envs["LLM_ENGINE"] == "vllm" and envs["LLM_MODEL"] == TINY_MODEL

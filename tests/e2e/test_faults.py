@@ -83,32 +83,50 @@ def split() -> Iterator[ServedProcess]:
         yield served
 
 
-def test_a_runner_killed_mid_answer_fails_its_requests_fast_and_the_api_recovers(split):
-    url = split.url
-    streams = [Outcome() for _ in range(2)]
-    whole = Outcome()
-    threads = [_start(_stream, url, 1000, o) for o in streams] + [_start(_whole, url, 1000, whole)]
-    for outcome in streams:
-        assert outcome.first_token.wait(60) and outcome.error is None
+def runner_process(served: ServedProcess) -> psutil.Process:
+    """The runner worker of a `bentoml serve` of the split topology."""
     (runner,) = [
-        p for p in split.process.children(recursive=True)
+        p for p in served.process.children(recursive=True)
         if "--service-name LLMRunner" in " ".join(p.cmdline())
     ]  # fmt: skip
-    killed = time.monotonic()
-    runner.send_signal(signal.SIGKILL)
+    return runner
+
+
+def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
+    """``streams`` streamed answers (each past its first token) and one whole one, running."""
+    outcomes = [Outcome() for _ in range(streams)]
+    whole = Outcome()
+    threads = [_start(_stream, url, max_tokens, o) for o in outcomes]
+    threads.append(_start(_whole, url, max_tokens, whole))
+    for outcome in outcomes:
+        assert outcome.first_token.wait(60) and outcome.error is None
+    return threads, outcomes, whole
+
+
+def assert_failed_fast(threads, streams, whole, since: float, within: float = 5) -> None:
+    """Each stream got a runner_unavailable error event and [DONE], the whole request a 503
+    with Retry-After, all within ``within`` seconds of ``since``; nothing hung."""
     for thread in threads:
         thread.join(30)
         assert not thread.is_alive(), "a request hung after the runner died"
-
     for outcome in streams:  # an error event, then the end of the stream, within seconds
         assert outcome.status == 200 and outcome.error is None
         at, last_data = outcome.events[-2]
         assert json.loads(last_data)["error"]["code"] == "runner_unavailable"
         assert outcome.events[-1][1] == "[DONE]"
-        assert at - killed < 5
+        assert at - since < within
     assert whole.status == 503 and whole.headers["retry-after"]
     assert json.loads(whole.events[-1][1])["error"]["code"] == "runner_unavailable"
-    assert whole.ended_at - killed < 5
+    assert whole.ended_at - since < within
+
+
+def test_a_runner_killed_mid_answer_fails_its_requests_fast_and_the_api_recovers(split):
+    url = split.url
+    threads, streams, whole = start_in_flight(url, 2)
+    runner = runner_process(split)
+    killed = time.monotonic()
+    runner.send_signal(signal.SIGKILL)
+    assert_failed_fast(threads, streams, whole, killed)
 
     # The API process stayed up; /readyz is false until `bentoml serve` restarted the runner.
     assert httpx.get(f"{url}/livez", timeout=5).status_code == 200

@@ -22,7 +22,17 @@ from bench.serving import Target, WorkItem, run_drop
 from logic.protocol import ChatCompletionRequest
 from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
-from tests.e2e.test_faults import LONG, Outcome, _exit_within, _start, _stream, _whole
+from tests.e2e.test_faults import (
+    LONG,
+    Outcome,
+    _exit_within,
+    _start,
+    _stream,
+    _whole,
+    assert_failed_fast,
+    runner_process,
+    start_in_flight,
+)
 from tests.served import START_HTTP_SERVER, ServedProcess, free_port, scrape
 from tests.vllm.conftest import START_TIMEOUT, serve_vllm
 
@@ -305,38 +315,6 @@ def test_the_remote_topology_runs_an_api_that_does_not_know_the_engine():
 # ---------------------------------------------------------------- faults and shutdown
 
 
-def _runner(served: ServedProcess) -> psutil.Process:
-    (runner,) = [
-        p for p in served.process.children(recursive=True)
-        if "--service-name LLMRunner" in " ".join(p.cmdline())
-    ]  # fmt: skip
-    return runner
-
-
-def _in_flight(url: str, n: int, max_tokens: int = 1000) -> tuple[list, list[Outcome], Outcome]:
-    streams = [Outcome() for _ in range(n)]
-    whole = Outcome()
-    threads = [_start(_stream, url, max_tokens, o) for o in streams]
-    threads.append(_start(_whole, url, max_tokens, whole))
-    for outcome in streams:
-        assert outcome.first_token.wait(60) and outcome.error is None
-    return threads, streams, whole
-
-
-def _assert_failed_fast(threads, streams, whole, since: float) -> None:
-    for thread in threads:
-        thread.join(30)
-        assert not thread.is_alive(), "a request hung after the engine died"
-    for outcome in streams:  # an error event, then the end of the stream, within seconds
-        assert outcome.status == 200 and outcome.error is None
-        at, last_data = outcome.events[-2]
-        assert json.loads(last_data)["error"]["code"] == "runner_unavailable"
-        assert outcome.events[-1][1] == "[DONE]"
-        assert at - since < 10
-    assert whole.status == 503 and whole.headers["retry-after"]
-    assert whole.ended_at - since < 10
-
-
 def _wait_ready(url: str, timeout: float = START_TIMEOUT) -> bool:
     """Whether ``url``'s /readyz went false and then true again within ``timeout``."""
     saw_unready, deadline = False, time.monotonic() + timeout
@@ -353,12 +331,12 @@ def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so
     with serve_vllm("ChatAPI") as split:
         # 1. The runner process killed mid-answer: 503s within seconds, and `bentoml serve`
         #    starts a new runner, vLLM and all; the API serves again without a restart.
-        first = _runner(split)
+        first = runner_process(split)
         cores = [p for p in first.children(recursive=True) if "EngineCore" in p.name()]
-        threads, streams, whole = _in_flight(split.url, 2)
+        threads, streams, whole = start_in_flight(split.url, 2)
         killed = time.monotonic()
         first.kill()
-        _assert_failed_fast(threads, streams, whole, killed)
+        assert_failed_fast(threads, streams, whole, killed, within=10)
         assert httpx.get(f"{split.url}/livez", timeout=5).status_code == 200  # the API lives
         assert _wait_ready(split.url), "/readyz never went false, then true again"
         answer = _ask(_client(split.url), PROMPTS[0], temperature=0, max_tokens=16)
@@ -370,12 +348,12 @@ def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so
         # 2. vLLM's engine core dies under a live runner: requests in flight get 503s, the
         #    runner's /livez and /readyz fail (an orchestrator restarts it), and so does the
         #    API's /readyz; a new request is a 503 too, not a hang.
-        runner = _runner(split)
-        threads, streams, whole = _in_flight(split.url, 2)
+        runner = runner_process(split)
+        threads, streams, whole = start_in_flight(split.url, 2)
         (core,) = [p for p in runner.children(recursive=True) if "EngineCore" in p.name()]
         killed = time.monotonic()
         core.kill()
-        _assert_failed_fast(threads, streams, whole, killed)
+        assert_failed_fast(threads, streams, whole, killed, within=10)
         deadline = time.monotonic() + 30
         while httpx.get(f"{split.url}/readyz", timeout=5).status_code != 503:
             assert time.monotonic() < deadline, "/readyz stayed true with a dead engine"
