@@ -37,12 +37,11 @@ from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
-from runners.engine_api import EngineStats, Series, check_prompt
+from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
 from runners.engine_errors import EngineBusyError, EngineClosedError
 
 logger = logging.getLogger(__name__)
 
-GREEDY_BELOW = 1e-5  # temperatures this small are argmax in all but name
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

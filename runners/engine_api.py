@@ -19,6 +19,8 @@ from logic.protocol import GenerationChunk, SamplingParams
 from runners.engine_errors import EngineRequestError
 
 MetricKind = Literal["gauge", "counter"]
+# Temperatures this small are argmax in all but name, on every engine (vLLM's own threshold).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,11 @@ from logic.protocol import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, Samp
 from logic.protocol import TokenLogprob as OurLogprob
 from logic.settings import Settings
 from runners import orphans
-from runners.engine_api import EngineStats, Series, check_prompt
+from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 
 logger = logging.getLogger(__name__)
 
-GREEDY_BELOW = 1e-5  # as the native engine, and vLLM's own _SAMPLING_EPS
 GIB = 1 << 30
 # On a CPU, vLLM's default KV reservation is most of the host's memory (gpu_memory_utilization
 # of it), which fails as soon as anything else runs there; ours is a budget that fits beside.
