@@ -126,27 +126,21 @@ def vllm_stream(model_dir: str, stop_ids: list[int]) -> tuple[Stream, Callable]:
     Call it on the running event loop: vLLM's output handler runs on the loop it starts on.
     """
     import torch
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from logic.protocol import SamplingParams
     from logic.settings import Settings
-    from runners.vllm_engine import engine_args
+    from runners.vllm_engine import engine_args, to_vllm
 
     args = engine_args(model_dir, Settings(dtype="float32"), on_gpu=torch.cuda.is_available())
     engine = AsyncLLM.from_engine_args(args)
+    window = engine.vllm_config.model_config.max_model_len
     ids_ = itertools.count()
 
     async def stream(ids: list[int], max_tokens: int) -> AsyncIterator[int]:
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stop_token_ids=stop_ids,  # EOS is among them, as the API sends it to the runner
-            ignore_eos=True,
-            detokenize=False,
-            skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        # The runner's own mapping: EOS is among the stop ids, as the API sends them.
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_ids)
+        sampling = to_vllm(params, room=window - len(ids))
         outputs = engine.generate({"prompt_token_ids": ids}, sampling, f"bench-{next(ids_)}")
         async with contextlib.aclosing(outputs):
             async for output in outputs:

@@ -349,12 +349,12 @@ class GenerationEngine:
     def running(self) -> int:
         return len(self._running)
 
-    def extra_metrics(self) -> list[Series]:
-        return []
-
     @property
     def waiting(self) -> int:
         return len(self._waiting) + len(self._pending)
+
+    def extra_metrics(self) -> list[Series]:
+        return []  # nothing beyond the common series yet
 
     # -- the scheduler thread ---------------------------------------------------------------
 

@@ -136,14 +136,12 @@ class _StepStats:
     def __init__(self) -> None:
         self.stats = EngineStats()
         self.running = 0
-        self.waiting = 0
         self.kv_cache_usage = 0.0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found there
 
     def record(self, scheduler_stats: Any) -> None:
         self.running = scheduler_stats.num_running_reqs
-        self.waiting = scheduler_stats.num_waiting_reqs
         self.kv_cache_usage = scheduler_stats.kv_cache_usage
         prefix = scheduler_stats.prefix_cache_stats
         if prefix is not None:  # counts since the last step
