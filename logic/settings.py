@@ -166,6 +166,29 @@ class Settings(BaseSettings):
         description="On CPU (fp32), keep a oneDNN-packed copy of the weights: faster batched "
         "decode, one more copy of the weights in memory.",
     )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="Native engine: GiB of KV memory. A request is admitted only when the KV "
+        "it can grow to (prompt + max_tokens) fits; otherwise it waits. Default: 2 on cpu; on "
+        "cuda kv_cache_fraction of the memory free after the weights are loaded.",
+    )
+    kv_cache_fraction: float = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Native engine on cuda: share of the free GPU memory (after the weights) "
+        "the KV cache takes unless kv_cache_gib is set; the rest is for activations.",
+    )
+    kv_block_size: int = Field(
+        16, ge=1, le=1024, description="Native engine: token positions per KV block."
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Native engine: reuse the KV of prompt prefixes already computed (a "
+        "shared system prompt, earlier turns, n choices); least recently used blocks are "
+        "evicted when the KV budget needs them.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -1,26 +1,27 @@
-"""One forward pass over a ragged batch: decode tokens and prefill chunks, each in its slot.
+"""One forward pass over a ragged batch: decode tokens and prefill chunks, each with its KV.
 
 The scheduler (``runners/engine.py``) decides what runs in a step; a *batch model* runs it.
 A step is a list of :class:`Work` items, one per sequence: the tokens to feed (one for a
 decode step, a slice of the prompt for a prefill chunk), the position of the first of them,
-and the KV-cache *slot* the sequence owns. The result is the logits of each item's last
-token. Slots are the scheduler's to hand out; :meth:`release` forgets one.
+and where the sequence's KV lives. The result is the logits of each item's last token.
 
 Two implementations:
 
-:class:`SlotLlama`
+:class:`PagedLlama`
     The fast path for Llama-family decoders (llama, mistral without a sliding window,
     qwen2, qwen3). It reuses the Hugging Face module weights and layers (norms, MLPs,
     projections) but replaces the attention and the cache: every token of the step is one
     row of a flat ``[tokens, hidden]`` matrix, so the weights are read once per step
-    however many sequences take part and no padding is computed; K/V go straight into a
-    preallocated ``[layers, 2, slots, kv_heads, capacity, head_dim]`` tensor that grows by
-    doubling and shrinks back when the runner is idle. Nothing is concatenated or copied
-    when a sequence joins or leaves.
+    however many sequences take part and no padding is computed. K/V live in one paged
+    pool, ``[layers, 2, blocks * block_size, kv_heads, head_dim]``, allocated once from the
+    KV memory budget; a sequence's positions are the blocks of its block table
+    (:mod:`runners.kv_blocks` hands them out), so sequences share cached prefix blocks and
+    memory never grows past the budget.
 
 :class:`SequentialHF`
     Any other causal LM: a ``DynamicCache`` per slot and one ``model(...)`` call per item.
-    Correct for every architecture transformers can load, but without batching.
+    Correct for every architecture transformers can load, but without batching or prefix
+    caching.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 _PACK_HINT = 8  # the batch size oneDNN lays packed weights out for (any size works)
 _PACKED_ROWS = (4, 32)  # step rows where packed weights measured faster than plain ones
+# A CPU allocation this large comes straight from mmap (glibc's threshold is at most 32 MiB),
+# so its pages are the kernel's zero pages until written.
+_LAZY_POOL_BYTES = 64 << 20
 NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _UNSUPPORTED_ROPE = frozenset({"dynamic", "longrope"})  # inv_freq changes with length
 
@@ -44,16 +48,18 @@ _UNSUPPORTED_ROPE = frozenset({"dynamic", "longrope"})  # inv_freq changes with 
 class Work:
     """One sequence's share of a step."""
 
-    slot: int
+    slot: int  # the sequence's batch slot (SequentialHF keys its caches by it)
     token_ids: list[int]
     position: int  # cache position of token_ids[0]; tokens before it are cached already
     want_logits: bool = True  # False for a prefill chunk that does not end the prompt
+    blocks: tuple[int, ...] = ()  # the block table: KV blocks for positions 0, bs, 2 bs, ...
 
 
 class BatchModel(Protocol):
     max_slots: int
     context_length: int
     vocab_size: int
+    paged: bool  # whether forward reads Work.blocks (and so can share prefix blocks)
 
     def forward(self, work: list[Work]) -> torch.Tensor:
         """Logits ``[n, vocab]`` for the items with ``want_logits``, in order."""
@@ -61,13 +67,13 @@ class BatchModel(Protocol):
 
     def release(self, slot: int) -> None: ...
 
-    def trim(self) -> None:
-        """Give cache memory back; called when no sequence is running."""
+    def kv_bytes_per_token(self) -> int:
+        """KV memory one token position takes, all layers."""
         ...
 
 
 def native_support(config: Any) -> str | None:
-    """Why :class:`SlotLlama` cannot run this config, or None when it can."""
+    """Why :class:`PagedLlama` cannot run this config, or None when it can."""
     model_type = getattr(config, "model_type", None)
     if model_type not in NATIVE_MODEL_TYPES:
         return f"model_type {model_type!r} has no native path"
@@ -85,9 +91,14 @@ def native_support(config: Any) -> str | None:
     return None
 
 
-def _doubled(have: int, need: int, limit: int) -> int:
-    """``have`` if it is enough, else at least double it (never past ``limit``)."""
-    return have if need <= have else min(limit, max(need, 2 * have))
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """KV memory of one token position, all layers, keys and values."""
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.empty(0, dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * element
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,11 +128,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class SlotLlama:
-    """Ragged continuous-batching forward for a Llama-family ``*ForCausalLM``."""
+class PagedLlama:
+    """Ragged continuous-batching forward over a paged KV pool, for a Llama-family model."""
+
+    paged = True
 
     def __init__(
-        self, model: Any, *, max_slots: int, context_length: int, packed_weights: bool = True
+        self,
+        model: Any,
+        *,
+        max_slots: int,
+        context_length: int,
+        num_blocks: int,
+        block_size: int = 16,
+        packed_weights: bool = True,
     ):
         reason = native_support(model.config)
         if reason:
@@ -152,41 +172,30 @@ class SlotLlama:
         self._inv_freq = rotary.inv_freq.float().to(self.device)
         self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self._cos = self._sin = torch.empty(0, device=self.device)
-        self._initial = (min(4, max_slots), min(256, context_length))
-        self._cache = self._alloc(*self._initial)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._offsets = torch.arange(block_size, device=self.device)
+        # The whole budget at once. Positions the attention masks out are still multiplied
+        # by zero, so the pool must never hold NaNs: block 0 (padding) is never written, and
+        # fresh memory must read as zeros. A large CPU allocation is fresh pages from the
+        # kernel, zero-filled on first touch, so resident memory grows with use up to the
+        # budget; anything smaller, and a GPU's memory, is zeroed here.
+        shape = (len(self.layers), 2, num_blocks * block_size, self.kv_heads, self.head_dim)
+        lazy = self.device.type == "cpu" and kv_bytes_per_token(cfg, self.dtype) * (
+            num_blocks * block_size
+        ) >= _LAZY_POOL_BYTES
+        self._kv = (torch.empty if lazy else torch.zeros)(shape, dtype=self.dtype, device=self.device)
 
     # -- cache ---------------------------------------------------------------------------------
 
-    def _alloc(self, slots: int, capacity: int) -> torch.Tensor:
-        shape = (len(self.layers), 2, slots, self.kv_heads, capacity, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def _ensure(self, slots: int, capacity: int) -> None:
-        """Grow the cache (by doubling, within the limits) to hold ``slots`` x ``capacity``."""
-        have_slots, have_cap = self._cache.shape[2], self._cache.shape[4]
-        if slots <= have_slots and capacity <= have_cap:
-            return
-        new_slots = _doubled(have_slots, slots, self.max_slots)
-        new_cap = _doubled(have_cap, capacity, self.context_length)
-        grown = self._alloc(new_slots, new_cap)
-        grown[:, :, :have_slots, :, :have_cap] = self._cache
-        self._cache = grown
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model.config, self.dtype)
 
     def release(self, slot: int) -> None:
-        """Nothing to do: a released slot's rows are overwritten by its next owner."""
-
-    def trim(self) -> None:
-        if self._cache.shape[2] > self._initial[0] or self._cache.shape[4] > self._initial[1]:
-            self._cache = self._alloc(*self._initial)
+        """Nothing to do: the scheduler's block pool decides who writes which block next."""
 
     def cache_bytes(self) -> int:
-        return self._cache.numel() * self._cache.element_size()
-
-    def idle_cache_bytes(self) -> int:
-        """What :meth:`trim` leaves allocated."""
-        slots, capacity = self._initial
-        per_entry = self._cache[:, :, :1, :, :1].numel() * self._cache.element_size()
-        return per_entry * slots * capacity
+        return self._kv.numel() * self._kv.element_size()
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions.max()) + 1
@@ -198,6 +207,20 @@ class SlotLlama:
             self._cos = (emb.cos() * self._rope_scale).to(self.dtype)
             self._sin = (emb.sin() * self._rope_scale).to(self.dtype)
         return self._cos[positions], self._sin[positions]
+
+    def _pool_index(self, blocks: tuple[int, ...], start: int, end: int) -> list[int]:
+        """Rows of the pool that hold positions ``start..end-1`` of a sequence."""
+        size = self.block_size
+        return [blocks[p // size] * size + p % size for p in range(start, end)]
+
+    def _gather_index(self, tables: list[tuple[int, ...]], span: int) -> torch.Tensor:
+        """``[rows, span]`` pool rows of positions ``0..span-1`` of each block table (short
+        tables padded with the zero block; the attention mask hides those positions)."""
+        width = -(-span // self.block_size)
+        padded = [list(t[:width]) + [0] * (width - len(t[:width])) for t in tables]
+        table = torch.tensor(padded, device=self.device, dtype=torch.long)
+        index = table[:, :, None] * self.block_size + self._offsets
+        return index.view(len(tables), -1)[:, :span]
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -244,21 +267,21 @@ class SlotLlama:
     def forward(self, work: list[Work]) -> torch.Tensor:
         dev = self.device
         counts = [len(w.token_ids) for w in work]
-        top = max(w.position + n for w, n in zip(work, counts, strict=True))
-        self._ensure(max(w.slot for w in work) + 1, top)
-
         flat_ids = torch.tensor([t for w in work for t in w.token_ids], device=dev)
         positions = torch.tensor(
             [w.position + i for w, n in zip(work, counts, strict=True) for i in range(n)],
             device=dev,
         )
-        slot_of_token = torch.tensor(
-            [w.slot for w, n in zip(work, counts, strict=True) for _ in range(n)], device=dev
-        )
+        # Where each token's K/V goes in the pool.
+        write_at = torch.tensor(
+            [i for w, n in zip(work, counts, strict=True)
+             for i in self._pool_index(w.blocks, w.position, w.position + n)],
+            device=dev,
+        )  # fmt: skip
         cos, sin = self._rope(positions)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
 
-        # Decode rows (one token each) attend as one padded batch over the slots they use;
+        # Decode rows (one token each) attend as one padded batch over their block tables;
         # prefill chunks attend one by one, causally.
         starts, offset = [], 0
         for n in counts:
@@ -266,15 +289,17 @@ class SlotLlama:
             offset += n
         decode = [i for i, n in enumerate(counts) if n == 1 and work[i].position > 0]
         prefill = [i for i in range(len(work)) if i not in set(decode)]
-        dec_rows = torch.tensor([starts[i] for i in decode], device=dev, dtype=torch.long)
-        dec_slots = torch.tensor([work[i].slot for i in decode], device=dev, dtype=torch.long)
         if decode:
+            dec_rows = torch.tensor([starts[i] for i in decode], device=dev, dtype=torch.long)
             span = max(work[i].position for i in decode) + 1
-            rows = max(work[i].slot for i in decode) + 1
-            lengths = torch.ones(rows, dtype=torch.long, device=dev)  # idle rows see position 0
-            lengths[dec_slots] = torch.tensor([work[i].position + 1 for i in decode], device=dev)
+            lengths = torch.tensor([work[i].position + 1 for i in decode], device=dev)
+            dec_index = self._gather_index([work[i].blocks for i in decode], span)
             dec_mask = (torch.arange(span, device=dev)[None, :] < lengths[:, None])[:, None, None]
-            dense = rows == len(decode) and decode == sorted(decode, key=lambda i: work[i].slot)
+        earlier = {  # the pool rows of what a later prompt chunk attends to besides itself
+            i: torch.tensor(self._pool_index(work[i].blocks, 0, work[i].position), device=dev)
+            for i in prefill
+            if work[i].position > 0
+        }
 
         x = self.model.model.embed_tokens(flat_ids)
         tokens = x.shape[0]
@@ -292,45 +317,40 @@ class SlotLlama:
                 )
             qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
             q, k = qk[:, : self.heads], qk[:, self.heads :]
-            keys, values = self._cache[index, 0], self._cache[index, 1]
-            keys[slot_of_token, :, positions] = k
-            values[slot_of_token, :, positions] = v
+            keys, values = self._kv[index, 0], self._kv[index, 1]  # [pool rows, kv_heads, d]
+            keys[write_at] = k
+            values[write_at] = v
 
             out = torch.empty_like(q)
             if decode:
+                # [rows, kv_heads, group, d] queries against [rows, kv_heads, span, d] keys:
+                # the query heads of a group ride in the sequence dimension.
                 q_dec = q[dec_rows].view(len(decode), self.kv_heads, self.group, self.head_dim)
-                if not dense:
-                    padded = q_dec.new_zeros(rows, self.kv_heads, self.group, self.head_dim)
-                    padded[dec_slots] = q_dec
-                    q_dec = padded
                 o = F.scaled_dot_product_attention(
                     q_dec,
-                    keys[:rows, :, :span],
-                    values[:rows, :, :span],
+                    keys[dec_index].transpose(1, 2),
+                    values[dec_index].transpose(1, 2),
                     attn_mask=dec_mask,
                     scale=self.scale,
                 )
-                if not dense:
-                    o = o[dec_slots]
                 out[dec_rows] = o.reshape(len(decode), self.heads, self.head_dim)
             for i in prefill:
                 w, n, s = work[i], counts[i], starts[i]
-                end = w.position + n
                 qi = q[s : s + n].transpose(0, 1)[None]
+                ki, vi = k[s : s + n], v[s : s + n]
                 if w.position == 0:
-                    ki, vi = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
                     mask, causal = None, True
-                else:
-                    ki, vi = (
-                        keys[w.slot : w.slot + 1, :, :end],
-                        values[w.slot : w.slot + 1, :, :end],
-                    )
+                else:  # the cached positions before this chunk, then the chunk itself
+                    ki = torch.cat((keys[earlier[i]], ki))
+                    vi = torch.cat((values[earlier[i]], vi))
+                    end = w.position + n
                     key_pos = torch.arange(end, device=dev)[None, :]
                     query_pos = torch.arange(w.position, end, device=dev)[:, None]
                     mask, causal = key_pos <= query_pos, False
                 o = F.scaled_dot_product_attention(
-                    qi, ki, vi, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
-                )
+                    qi, ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
+                    attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
+                )  # fmt: skip
                 out[s : s + n] = o[0].transpose(0, 1)
             x = x + self._linear(
                 out.view(tokens, self.heads * self.head_dim), attn.o_proj.weight, attn.o_proj.bias
@@ -359,9 +379,19 @@ class SlotLlama:
 
 
 class SequentialHF:
-    """Any Hugging Face causal LM: a DynamicCache per slot, one forward call per item."""
+    """Any Hugging Face causal LM: a DynamicCache per slot, one forward call per item.
 
-    def __init__(self, model: Any, *, max_slots: int, context_length: int):
+    Its caches grow per sequence; the scheduler still admits by the same budget
+    (``num_blocks`` of ``block_size`` positions), counted but not shared."""
+
+    paged = False
+
+    def __init__(
+        self, model: Any, *, max_slots: int, context_length: int, num_blocks: int,
+        block_size: int = 16,
+    ):  # fmt: skip
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         self.model = model
         self.max_slots = max_slots
         self.context_length = context_length
@@ -392,8 +422,8 @@ class SequentialHF:
     def release(self, slot: int) -> None:
         self._caches.pop(slot, None)
 
-    def trim(self) -> None:
-        self._caches.clear()
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model.config, self.model.dtype)
 
     def cache_bytes(self) -> int:
         total = 0
@@ -406,16 +436,36 @@ class SequentialHF:
 
 
 def build_batch_model(
-    model: Any, *, backend: str, max_slots: int, context_length: int, packed_weights: bool = True
+    model: Any,
+    *,
+    backend: str,
+    max_slots: int,
+    context_length: int,
+    kv_budget_bytes: int,
+    block_size: int = 16,
+    packed_weights: bool = True,
 ) -> BatchModel:
-    """``native`` (Llama family), ``transformers`` (anything), or ``auto``: native when it can."""
+    """``native`` (Llama family), ``transformers`` (anything), or ``auto``: native when it can.
+
+    The KV memory is ``kv_budget_bytes`` cut into blocks of ``block_size`` positions."""
     if backend == "auto":
         reason = native_support(model.config)
         backend = "transformers" if reason else "native"
         if reason:
             logger.warning("Falling back to the unbatched transformers path: %s", reason)
-    if backend == "native":
-        return SlotLlama(
-            model, max_slots=max_slots, context_length=context_length, packed_weights=packed_weights
+    per_block = kv_bytes_per_token(model.config, model.dtype) * block_size
+    num_blocks = kv_budget_bytes // per_block
+    if num_blocks < 2:
+        raise ValueError(
+            f"the KV budget ({kv_budget_bytes} bytes) holds less than one block of "
+            f"{block_size} tokens ({per_block} bytes)"
         )
-    return SequentialHF(model, max_slots=max_slots, context_length=context_length)
+    if backend == "native":
+        return PagedLlama(
+            model, max_slots=max_slots, context_length=context_length, num_blocks=num_blocks,
+            block_size=block_size, packed_weights=packed_weights,
+        )  # fmt: skip
+    return SequentialHF(
+        model, max_slots=max_slots, context_length=context_length, num_blocks=num_blocks,
+        block_size=block_size,
+    )  # fmt: skip

@@ -38,7 +38,8 @@ from transformers import AutoModelForCausalLM
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model
 from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
-from runners.engine_errors import EngineBusyError, EngineClosedError
+from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.kv_blocks import Allocation, BlockPool, chain_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,23 @@ _DTYPES = {
 }
 # Defaults per device: a CPU is compute-bound early, a GPU wants wide batches.
 _DEFAULT_LIMITS = {"cpu": (16, 512), "cuda": (128, 8192)}  # (max batch size, max step tokens)
+GIB = 1 << 30
+# The KV budget on a CPU unless set (host memory, shared with everything else there), and the
+# share of a GPU's free memory (after the weights) it takes there: the rest is headroom for
+# a step's activations.
+DEFAULT_CPU_KV_GIB = 2.0
+DEFAULT_GPU_KV_FRACTION = 0.85
+
+
+def kv_budget_bytes(device: torch.device, gib: float | None, fraction: float | None) -> int:
+    """The KV memory budget: ``gib`` when set; on CUDA a ``fraction`` of the free memory
+    (measure it after the weights are loaded); else :data:`DEFAULT_CPU_KV_GIB`."""
+    if gib:
+        return int(gib * GIB)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (fraction or DEFAULT_GPU_KV_FRACTION))
+    return int(DEFAULT_CPU_KV_GIB * GIB)
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -95,8 +113,12 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     stop_ids: frozenset[int] = frozenset()
+    max_length: int = 0  # prompt + answer at most, in tokens: what its KV is sized for
     slot: int = -1
     length: int = 0  # tokens in the KV cache
+    alloc: Allocation | None = None  # its KV blocks, once admitted
+    token_ids: list[int] = field(default_factory=list)  # prompt, then the tokens fed back
+    block_hashes: list[bytes] | None = None  # the prompt's full blocks, for the prefix cache
     next_token: int | None = None  # sampled, not yet fed
     produced: int = 0
     # Presence and frequency penalties, kept as the bias they add to the logits ([vocab],
@@ -153,6 +175,7 @@ class GenerationEngine:
         max_batch_size: int,
         max_batch_tokens: int,
         max_in_flight: int | None = None,
+        prefix_caching: bool = True,
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
         returns (and re-raises what ``build`` raised).
@@ -165,6 +188,7 @@ class GenerationEngine:
         self.device = device
         self.stats = EngineStats()
         self._max_in_flight = max_in_flight
+        self._prefix_caching = prefix_caching
         self._pending: collections.deque[_Request] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -201,15 +225,20 @@ class GenerationEngine:
         # Bounded: a full batch running and one more waiting for slots, unless set otherwise.
         self.max_in_flight = self._max_in_flight or 2 * self.max_batch_size
         self._free_slots = list(range(self.max_batch_size))
+        model = self.batch_model
+        self.blocks = BlockPool(
+            model.num_blocks, model.block_size,
+            prefix_caching=self._prefix_caching and model.paged,
+        )  # fmt: skip
         self._ready.set()
         self._run()
 
     def _warm_up(self) -> None:
-        """A prefill and a decode step, so no request pays for lazy initialization."""
-        self.batch_model.forward([Work(0, [0, 1, 2], 0)])
-        self.batch_model.forward([Work(0, [3], 3)])
+        """A prefill and a decode step, so no request pays for lazy initialization. (They
+        write block 1, which is free: a block's stale contents are never read unmasked.)"""
+        self.batch_model.forward([Work(0, [0, 1, 2], 0, blocks=(1,))])
+        self.batch_model.forward([Work(0, [3], 3, blocks=(1,))])
         self.batch_model.release(0)
-        self.batch_model.trim()
 
     @classmethod
     def load(
@@ -224,6 +253,10 @@ class GenerationEngine:
         max_batch_tokens: int | None = None,
         max_in_flight: int | None = None,
         packed_weights: bool = True,
+        kv_cache_gib: float | None = None,
+        kv_cache_fraction: float | None = None,
+        kv_block_size: int = 16,
+        prefix_caching: bool = True,
     ) -> GenerationEngine:
         if threads:
             torch.set_num_threads(threads)
@@ -233,7 +266,9 @@ class GenerationEngine:
         batch = max_batch_size or default_batch
 
         def build() -> BatchModel:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            # Straight onto the device: an 8B model does not pass through host memory.
+            placed = {"device_map": dev} if dev.type != "cpu" else {}
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **placed)
             model.to(dev).eval()
             context = int(getattr(model.config, "max_position_embeddings", 2048))
             return build_batch_model(
@@ -241,6 +276,8 @@ class GenerationEngine:
                 backend=backend,
                 max_slots=batch,
                 context_length=context,
+                kv_budget_bytes=kv_budget_bytes(dev, kv_cache_gib, kv_cache_fraction),
+                block_size=kv_block_size,
                 packed_weights=packed_weights,
             )
 
@@ -250,11 +287,16 @@ class GenerationEngine:
             max_batch_size=batch,
             max_batch_tokens=max_batch_tokens or default_tokens,
             max_in_flight=max_in_flight,
+            prefix_caching=prefix_caching,
         )
+        pool = engine.blocks
         logger.info(
-            "Loaded %s on %s as %s: %s, batch <= %d sequences / %d tokens per step",
+            "Loaded %s on %s as %s: %s, batch <= %d sequences / %d tokens per step, KV %d "
+            "blocks of %d tokens (%.2f GiB), prefix caching %s",
             path, dev, torch_dtype, type(engine.batch_model).__name__,
-            engine.max_batch_size, engine.max_batch_tokens,
+            engine.max_batch_size, engine.max_batch_tokens, pool.num_blocks, pool.block_size,
+            pool.num_blocks * pool.block_size * engine.batch_model.kv_bytes_per_token() / GIB,
+            "on" if pool.prefix_caching else "off",
         )  # fmt: skip
         return engine
 
@@ -267,6 +309,13 @@ class GenerationEngine:
 
     def validate(self, prompt_ids: list[int]) -> None:
         check_prompt(prompt_ids, context_length=self.context_length, vocab_size=self.vocab_size)
+        capacity = self.blocks.capacity_tokens
+        if len(prompt_ids) + 1 > capacity:
+            raise EngineRequestError(
+                f"The prompt has {len(prompt_ids)} tokens; this runner's KV memory holds "
+                f"{capacity} in all.",
+                code="context_length_exceeded",
+            )
 
     def _make_request(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
         generator = None
@@ -283,6 +332,13 @@ class GenerationEngine:
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
             stop_ids=frozenset(params.stop_token_ids),
+            # Past the KV memory the whole pool holds, an answer ends as at the context window.
+            max_length=min(
+                len(prompt_ids) + params.max_new_tokens,
+                self.context_length,
+                self.blocks.capacity_tokens,
+            ),
+            token_ids=list(prompt_ids),
         )
 
     async def stream(
@@ -354,7 +410,27 @@ class GenerationEngine:
         return len(self._waiting) + len(self._pending)
 
     def extra_metrics(self) -> list[Series]:
-        return []  # nothing beyond the common series yet
+        pool, prefix = self.blocks, self.blocks.stats
+        total = pool.num_blocks - 1
+        hit_rate = prefix.hits / prefix.queries if prefix.queries else 0.0
+        return [
+            Series("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.",
+                   round(pool.used_blocks / total, 6)),
+            Series("kv_cache_blocks", "gauge", "KV blocks in the memory budget.", total),
+            Series("kv_cache_block_tokens", "gauge", "Token positions per KV block.",
+                   pool.block_size),
+            Series("prefix_cache_blocks", "gauge", "KV blocks held in the prefix cache.",
+                   pool.cached_blocks),
+            Series("prefix_cache_queries_total", "counter",
+                   "Prompt tokens looked up in the prefix cache.", prefix.queries),
+            Series("prefix_cache_hits_total", "counter",
+                   "Prompt tokens found in the prefix cache (their KV reused).", prefix.hits),
+            Series("prefix_cache_misses_total", "counter",
+                   "Prompt tokens looked up and not found (computed).",
+                   prefix.queries - prefix.hits),
+            Series("prefix_cache_hit_rate", "gauge",
+                   "Hits over queries since the start.", round(hit_rate, 6)),
+        ]  # fmt: skip
 
     # -- the scheduler thread ---------------------------------------------------------------
 
@@ -378,8 +454,6 @@ class GenerationEngine:
     def _iterate(self) -> bool:
         """One scheduling round; False once the engine is closed."""
         with self._wake:
-            if not self._closed and not self._has_work():
-                self._idle()
             while not self._closed and not self._has_work():
                 self._wake.wait()
             if self._closed:
@@ -399,12 +473,6 @@ class GenerationEngine:
         self._advance(members, work, logits)  # reads the sampled tokens: the device is done
         self.stats.busy_seconds += time.perf_counter() - started
         return True
-
-    def _idle(self) -> None:
-        """Nothing to run: give the KV cache memory back."""
-        self.batch_model.trim()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def _step_failed(self, members: list[_Request], work: list[Work], exc: Exception) -> None:
         """Fail the requests a failed step can be blamed on.
@@ -435,34 +503,71 @@ class GenerationEngine:
                 self._finish(request, cancelled=True)
 
     def _schedule(self) -> tuple[list[Work], list[_Request]]:
-        """This step's work: every decode, then prefill chunks within the token budget."""
+        """This step's work: every decode, then prefill chunks within the token budget.
+
+        A new request joins when a slot is free and the KV pool can promise every block it
+        may grow to; its prompt's blocks found in the prefix cache are not computed again.
+        """
         work: list[Work] = []
         members: list[_Request] = []
         budget = self.max_batch_tokens
-        # Decode rows in slot order, so the batch model sees dense slots when it can.
-        for request in sorted(self._running, key=lambda r: r.slot):
+        pool = self.blocks
+        for request in self._running:
             if not request.prefilling:
-                work.append(Work(request.slot, [request.next_token], request.length))
+                pool.grow(request.alloc, request.length + 1)
+                work.append(Work(request.slot, [request.next_token], request.length,
+                                 blocks=tuple(request.alloc.blocks)))  # fmt: skip
                 members.append(request)
                 budget -= 1
+        # Blocks being computed by prompts in flight: a prompt that shares them waits a step
+        # and finds them cached (the ``n`` choices of one prompt compute it once).
+        computing = {
+            digest
+            for r in self._running
+            if r.prefilling and r.block_hashes
+            for digest in r.block_hashes[len(r.alloc.hashes) :]
+        }
         # Half-done prefills first (they hold slots), then new requests in arrival order.
         prefills = [r for r in self._running if r.prefilling] + list(self._waiting)
         for request in prefills:
             if budget <= 0:
                 break
             if request.slot < 0:
-                if not self._free_slots:
+                if not self._free_slots or not self._admit(request, computing):
                     break
-                request.slot = self._free_slots.pop(0)
-                self._waiting.remove(request)
-                self._running.append(request)
             start = request.length
             chunk = request.prompt_ids[start : start + budget]
             done = start + len(chunk) == len(request.prompt_ids)
-            work.append(Work(request.slot, chunk, start, want_logits=done))
+            pool.grow(request.alloc, start + len(chunk))
+            work.append(Work(request.slot, chunk, start, want_logits=done,
+                             blocks=tuple(request.alloc.blocks)))  # fmt: skip
             members.append(request)
             budget -= len(chunk)
+            if request.block_hashes:
+                computing.update(request.block_hashes[len(request.alloc.hashes) :])
         return work, members
+
+    def _admit(self, request: _Request, computing: set[bytes]) -> bool:
+        """Give ``request`` a slot and its KV reservation; False (it waits) when the pool
+        cannot promise its blocks yet, or a prompt in flight is computing its next block."""
+        pool = self.blocks
+        if request.block_hashes is None:
+            request.block_hashes = (
+                chain_hashes(request.prompt_ids, pool.block_size) if pool.prefix_caching else []
+            )
+        hashes = request.block_hashes
+        found = len(pool.lookup(hashes))
+        if found < len(hashes) and hashes[found] in computing:
+            return False
+        alloc = pool.admit(request.prompt_ids, request.max_length, hashes)
+        if alloc is None:
+            return False
+        request.alloc = alloc
+        request.length = alloc.cached_tokens
+        request.slot = self._free_slots.pop(0)
+        self._waiting.remove(request)
+        self._running.append(request)
+        return True
 
     def _advance(self, members: list[_Request], work: list[Work], logits: torch.Tensor) -> None:
         """Account for the step, then choose and emit a token for each row of ``logits``.
@@ -482,6 +587,8 @@ class GenerationEngine:
                 stats.prefill_tokens += len(item.token_ids)
             else:
                 stats.decode_tokens += 1
+                request.token_ids.append(item.token_ids[0])
+            self.blocks.commit(request.alloc, request.token_ids, request.length)
             if not item.want_logits:
                 continue
             if request.penalty is not None:
@@ -559,7 +666,7 @@ class GenerationEngine:
             finish = "stop"
         elif (
             request.produced >= request.params.max_new_tokens
-            or request.length + 1 >= self.context_length
+            or request.length + 1 >= request.max_length  # no room to feed it back
         ):
             finish = "length"
         request.next_token = token
@@ -592,3 +699,6 @@ class GenerationEngine:
             self._free_slots.append(request.slot)
             self._free_slots.sort()
             request.slot = -1
+        if request.alloc is not None:
+            self.blocks.release(request.alloc)
+            request.alloc = None

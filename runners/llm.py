@@ -106,6 +106,10 @@ def _native_engine(model_path: str | Path, backend: str) -> GenerationEngine:
         max_batch_tokens=settings.max_batch_tokens,
         max_in_flight=settings.runner_max_in_flight,
         packed_weights=settings.cpu_packed_weights,
+        kv_cache_gib=settings.kv_cache_gib,
+        kv_cache_fraction=settings.kv_cache_fraction,
+        kv_block_size=settings.kv_block_size,
+        prefix_caching=settings.prefix_caching,
     )
 
 

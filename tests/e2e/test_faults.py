@@ -17,7 +17,7 @@ import pytest
 from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.e2e.test_serve import default_model_in_store
-from tests.served import BENTOML, ServedProcess, free_port
+from tests.served import BENTOML, ServedProcess, free_port, scrape
 
 LONG = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
 
@@ -100,7 +100,22 @@ def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
     threads.append(_start(_whole, url, max_tokens, whole))
     for outcome in outcomes:
         assert outcome.first_token.wait(60) and outcome.error is None
+    # The whole answer has no first token to wait for: wait until the runner holds it too
+    # (the API's page carries the runner's gauges). On a busy machine it can reach the runner
+    # after the streams' first tokens; sent after a kill, it would wait in the socket that
+    # `bentoml serve` keeps open for the next runner, not be one of the requests in flight.
+    deadline = time.monotonic() + 30
+    while _held_by_runner(url) < streams + 1:
+        assert time.monotonic() < deadline, "the runner never held all the requests"
+        time.sleep(0.05)
     return threads, outcomes, whole
+
+
+def _held_by_runner(url: str) -> float:
+    metrics = scrape(url)
+    return metrics[("llm_runner_requests_running", ())] + metrics[
+        ("llm_runner_requests_waiting", ())
+    ]
 
 
 def assert_failed_fast(threads, streams, whole, since: float, within: float = 5) -> None:

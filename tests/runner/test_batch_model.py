@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from runners.batch_model import SlotLlama, Work, native_support
+from runners.batch_model import PagedLlama, Work, native_support
 
 SMALL = dict(
     vocab_size=97,
@@ -45,47 +45,73 @@ def last_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+def paged(model, packed: bool = True, blocks: int = 64, block_size: int = 4) -> PagedLlama:
+    return PagedLlama(model, max_slots=8, context_length=128, num_blocks=blocks,
+                      block_size=block_size, packed_weights=packed)  # fmt: skip
+
+
+def table(*blocks: int) -> tuple[int, ...]:
+    return tuple(blocks)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_mixed_steps_match_the_reference_forward(name, packed):
     model = build(name)
     assert native_support(model.config) is None
-    native = SlotLlama(model, max_slots=8, context_length=128, packed_weights=packed)
+    native = paged(model, packed)
     assert bool(native._packed) == packed  # CPU fp32: the packed path is really taken
     a, b, c = [3, 4, 5, 6, 7], list(range(10, 40)), [50, 51, 52, 53, 54, 55, 56, 57]
-    # Step 1: two prompts at once, in slots 0 and 3 (a hole between them).
-    out = native.forward([Work(0, a, 0), Work(3, b, 0)])
+    # Blocks of 4 positions, scattered and out of order in each table.
+    ta, tb, tc = table(9, 2), table(*range(30, 20, -1)), table(5, 17, 3)
+    # Step 1: two prompts at once.
+    out = native.forward([Work(0, a, 0, blocks=ta), Work(3, b, 0, blocks=tb)])
     torch.testing.assert_close(out[0], last_logits(model, a), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1], last_logits(model, b), rtol=1e-4, atol=1e-4)
     # Step 2: both decode while a third prompt starts a chunked prefill (no logits yet).
-    out = native.forward([Work(0, [8], 5), Work(3, [41], 30), Work(5, c[:3], 0, False)])
+    out = native.forward([
+        Work(0, [8], 5, blocks=ta), Work(3, [41], 30, blocks=tb),
+        Work(5, c[:3], 0, False, blocks=tc),
+    ])  # fmt: skip
     assert out.shape[0] == 2
     torch.testing.assert_close(out[0], last_logits(model, a + [8]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1], last_logits(model, b + [41]), rtol=1e-4, atol=1e-4)
-    # Step 3: the chunk finishes beside a decode, and the cache grows past its first size.
-    out = native.forward([Work(3, [42], 31), Work(5, c[3:], 3)])
+    # Step 3: the chunk finishes beside a decode, across a block boundary.
+    out = native.forward([Work(3, [42], 31, blocks=tb), Work(5, c[3:], 3, blocks=tc)])
     torch.testing.assert_close(out[0], last_logits(model, b + [41, 42]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1], last_logits(model, c), rtol=1e-4, atol=1e-4)
 
 
-def test_a_released_slot_is_reused_without_leftovers():
+def test_a_sequence_reads_blocks_another_one_computed():
+    """Prefix sharing at the forward's level: a second sequence's table starts with the first
+    one's full blocks and computes only what follows them."""
     model = build("llama")
-    native = SlotLlama(model, max_slots=2, context_length=128)
-    native.forward([Work(0, list(range(20, 60)), 0)])
-    native.release(0)
-    out = native.forward([Work(0, [5, 6, 7], 0)])
-    out = native.forward([Work(0, [8], 3)])
+    native = paged(model)
+    prefix, rest = list(range(20, 32)), [7, 8, 9]
+    native.forward([Work(0, prefix + [1, 2], 0, blocks=table(4, 6, 8, 10))])
+    out = native.forward([Work(1, rest, 12, blocks=table(4, 6, 8, 11))])
+    torch.testing.assert_close(out[0], last_logits(model, prefix + rest), rtol=1e-4, atol=1e-4)
+    out = native.forward([Work(1, [3], 15, blocks=table(4, 6, 8, 11))])
+    torch.testing.assert_close(
+        out[0], last_logits(model, prefix + rest + [3]), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_a_reused_block_holds_no_leftovers():
+    model = build("llama")
+    native = paged(model)
+    native.forward([Work(0, list(range(20, 60)), 0, blocks=table(*range(1, 11)))])
+    out = native.forward([Work(0, [5, 6, 7], 0, blocks=table(1))])
+    out = native.forward([Work(0, [8], 3, blocks=table(1))])
     torch.testing.assert_close(out[0], last_logits(model, [5, 6, 7, 8]), rtol=1e-4, atol=1e-4)
 
 
-def test_the_cache_grows_by_doubling_and_trims_back():
-    native = SlotLlama(build("llama"), max_slots=8, context_length=128)
-    idle = native.cache_bytes()
-    assert idle == native.idle_cache_bytes()
-    native.forward([Work(6, list(range(1, 90)), 0)])
-    assert native.cache_bytes() > idle
-    native.trim()
-    assert native.cache_bytes() == idle
+def test_the_pool_is_the_budget_and_does_not_grow():
+    native = paged(build("llama"), blocks=16)
+    size = native.cache_bytes()
+    assert size == 16 * 4 * native.kv_bytes_per_token()
+    native.forward([Work(0, list(range(1, 60)), 0, blocks=table(*range(1, 16)))])
+    assert native.cache_bytes() == size
 
 
 def test_models_without_a_native_path_are_named():
