@@ -27,6 +27,7 @@ Two implementations:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +37,9 @@ import torch.nn.functional as F  # noqa: N812
 logger = logging.getLogger(__name__)
 
 _PACK_HINT = 8  # the batch size oneDNN lays packed weights out for (any size works)
-_PACKED_ROWS = (4, 32)  # step rows where packed weights measured faster than plain ones
+# Step sizes (rows) at which plain and packed matmuls are timed against each other at load;
+# a step uses the choice of the largest of these at or below its own row count.
+_TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 # A CPU allocation this large comes straight from mmap (glibc's threshold is at most 32 MiB),
 # so its pages are the kernel's zero pages until written.
 _LAZY_POOL_BYTES = 64 << 20
@@ -166,8 +169,12 @@ class PagedLlama:
             for layer in self.layers
         ]
         self._packed: dict[int, torch.Tensor] = {}
+        self._packed_at: list[tuple[int, bool]] = []  # (rows, packed faster), by rows
+        self._packed_for: dict[int, bool] = {}  # the choice per row count, as looked up
         if packed_weights and self.device.type == "cpu" and self.dtype == torch.float32:
             self._pack_weights()
+            if self._packed:
+                self._packed_at = self._time_packed()
         rotary = model.model.rotary_emb
         self._inv_freq = rotary.inv_freq.float().to(self.device)
         self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -214,32 +221,36 @@ class PagedLlama:
         return [blocks[p // size] * size + p % size for p in range(start, end)]
 
     def _gather_index(self, tables: list[tuple[int, ...]], span: int) -> torch.Tensor:
-        """``[rows, span]`` pool rows of positions ``0..span-1`` of each block table (short
+        """The pool rows (flat, ``rows * span``) of positions ``0..span-1`` of each block table (short
         tables padded with the zero block; the attention mask hides those positions)."""
         width = -(-span // self.block_size)
         padded = [list(t[:width]) + [0] * (width - len(t[:width])) for t in tables]
         table = torch.tensor(padded, device=self.device, dtype=torch.long)
         index = table[:, :, None] * self.block_size + self._offsets
-        return index.view(len(tables), -1)[:, :span]
+        return index.view(len(tables), -1)[:, :span].reshape(-1)
 
     # -- weights -------------------------------------------------------------------------------
 
-    def _pack_weights(self) -> None:
-        """A oneDNN-blocked copy of every matmul weight, for CPU steps of 4 to 32 rows.
-
-        MKL's plain fp32 GEMM repacks the weight on every call, and at a few rows that
-        repacking is most of the cost: measured here at 8 rows, the 30 layers took 29.5 ms
-        plain and 25.8 ms prepacked, the 49152-wide LM head 7.3 ms and 3.3 ms. One or two rows
-        stay on the plain path, which is faster for them (15.7 against 20.0 ms). The price is
-        one more copy of the weights in memory; ``LLM_CPU_PACKED_WEIGHTS=false`` turns it off.
-        """
-        weights = [self.model.lm_head.weight]
+    def _matmul_weights(self) -> list[torch.Tensor]:
+        weights = []
         for index, layer in enumerate(self.layers):
             mlp = layer.mlp
             weights += [self._qkv[index][0], layer.self_attn.o_proj.weight]
             weights += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        return [*weights, self.model.lm_head.weight]
+
+    def _pack_weights(self) -> None:
+        """A oneDNN-blocked copy of every matmul weight, for CPU steps.
+
+        MKL's plain fp32 GEMM repacks the weight on every call, and at a few rows that
+        repacking is most of the cost. Which is faster depends on the CPU: on an Intel Xeon
+        packed won from 4 to 32 rows only; on an AMD EPYC (where MKL takes a generic path) it
+        won at every size, 2x at one row (the 30 layers' matmuls: 14 against 28 ms). So each
+        step size is timed at load (:meth:`_time_packed`). The price is one more copy of the
+        weights in memory; ``LLM_CPU_PACKED_WEIGHTS=false`` turns it off.
+        """
         try:
-            for weight in weights:
+            for weight in self._matmul_weights():
                 self._packed[id(weight)] = torch.ops.mkldnn._reorder_linear_weight(
                     weight.detach(), _PACK_HINT
                 )
@@ -247,11 +258,57 @@ class PagedLlama:
             logger.warning("packed CPU weights unavailable (%s); using plain matmuls", exc)
             self._packed.clear()
 
+    def _time_packed(self, trials: int = 2) -> list[tuple[int, bool]]:
+        """For each of :data:`_TUNED_ROWS`, whether packed matmuls beat plain ones here.
+
+        Small steps are bound by reading the weights, so they are timed over all of them, as
+        a step reads them (one layer again and again would sit in the cache); large ones are
+        bound by arithmetic, and a few layers tell. About a second at load."""
+        weights = self._matmul_weights()
+        choices = []
+        for rows in _TUNED_ROWS:
+            sample = weights if rows <= 32 else weights[:10]
+            inputs = [torch.randn(rows, w.shape[1], dtype=self.dtype) for w in sample]
+
+            def plain(sample=sample, inputs=inputs):
+                for w, x in zip(sample, inputs, strict=True):
+                    F.linear(x, w)
+
+            def packed(sample=sample, inputs=inputs):
+                for w, x in zip(sample, inputs, strict=True):
+                    torch.ops.mkldnn._linear_pointwise(x, self._packed[id(w)], None, "none",
+                                                       [], "")  # fmt: skip
+
+            times = {}
+            for name, run in (("plain", plain), ("packed", packed)):
+                run()  # warm
+                best = float("inf")
+                for _ in range(trials):
+                    started = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - started)
+                times[name] = best
+            choices.append((rows, times["packed"] < times["plain"]))
+        logger.info("packed CPU matmuls at step rows: %s",
+                    [rows for rows, packed in choices if packed])  # fmt: skip
+        return choices
+
+    def _use_packed(self, rows: int) -> bool:
+        choice = self._packed_for.get(rows)
+        if choice is None:
+            choice = False
+            for at, packed in self._packed_at:
+                if at > rows:
+                    break
+                choice = packed
+            self._packed_for[rows] = choice
+        return choice
+
     def _linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         packed = self._packed.get(id(weight))
-        if packed is not None and _PACKED_ROWS[0] <= x.shape[0] <= _PACKED_ROWS[1]:
+        if packed is not None and self._use_packed(x.shape[0]):
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
@@ -326,10 +383,11 @@ class PagedLlama:
                 # [rows, kv_heads, group, d] queries against [rows, kv_heads, span, d] keys:
                 # the query heads of a group ride in the sequence dimension.
                 q_dec = q[dec_rows].view(len(decode), self.kv_heads, self.group, self.head_dim)
+                gathered = (len(decode), span, self.kv_heads, self.head_dim)
                 o = F.scaled_dot_product_attention(
                     q_dec,
-                    keys[dec_index].transpose(1, 2),
-                    values[dec_index].transpose(1, 2),
+                    keys.index_select(0, dec_index).view(gathered).transpose(1, 2),
+                    values.index_select(0, dec_index).view(gathered).transpose(1, 2),
                     attn_mask=dec_mask,
                     scale=self.scale,
                 )
@@ -341,8 +399,8 @@ class PagedLlama:
                 if w.position == 0:
                     mask, causal = None, True
                 else:  # the cached positions before this chunk, then the chunk itself
-                    ki = torch.cat((keys[earlier[i]], ki))
-                    vi = torch.cat((values[earlier[i]], vi))
+                    ki = torch.cat((keys.index_select(0, earlier[i]), ki))
+                    vi = torch.cat((values.index_select(0, earlier[i]), vi))
                     end = w.position + n
                     key_pos = torch.arange(end, device=dev)[None, :]
                     query_pos = torch.arange(w.position, end, device=dev)[:, None]
@@ -371,7 +429,8 @@ class PagedLlama:
         matrix far more slowly than 16 (8 rows: 8.4 ms, padded to 16: 6.4 ms), so such
         batches are padded."""
         rows, weight = hidden.shape[0], self.model.lm_head.weight
-        if id(weight) in self._packed or self.device.type != "cpu" or not 6 <= rows < 16:
+        packed = id(weight) in self._packed and self._use_packed(rows)
+        if packed or self.device.type != "cpu" or not 6 <= rows < 16:
             return self._linear(hidden, weight, self.model.lm_head.bias)
         padded = hidden.new_zeros(16, hidden.shape[1])
         padded[:rows] = hidden
