@@ -13,7 +13,7 @@ Two implementations:
     projections) but replaces the attention and the cache: every token of the step is one
     row of a flat ``[tokens, hidden]`` matrix, so the weights are read once per step
     however many sequences take part and no padding is computed. K/V live in one paged
-    pool, ``[layers, 2, blocks * block_size, kv_heads, head_dim]``, allocated once from the
+    pool, ``[layers, blocks * block_size, 2 (K, V), kv_heads, head_dim]``, allocated once from the
     KV memory budget; a sequence's positions are the blocks of its block table
     (:mod:`runners.kv_blocks` hands them out), so sequences share cached prefix blocks and
     memory never grows past the budget.
@@ -187,7 +187,8 @@ class PagedLlama:
         # fresh memory must read as zeros. A large CPU allocation is fresh pages from the
         # kernel, zero-filled on first touch, so resident memory grows with use up to the
         # budget; anything smaller, and a GPU's memory, is zeroed here.
-        shape = (len(self.layers), 2, num_blocks * block_size, self.kv_heads, self.head_dim)
+        # Keys and values of a position side by side: one write and one gather per layer.
+        shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads, self.head_dim)
         lazy = self.device.type == "cpu" and kv_bytes_per_token(cfg, self.dtype) * (
             num_blocks * block_size
         ) >= _LAZY_POOL_BYTES
@@ -347,11 +348,16 @@ class PagedLlama:
         decode = [i for i, n in enumerate(counts) if n == 1 and work[i].position > 0]
         prefill = [i for i in range(len(work)) if i not in set(decode)]
         if decode:
+            # A decode-only step (the common one) needs no gather of its rows.
+            all_decode = len(decode) == len(work)
             dec_rows = torch.tensor([starts[i] for i in decode], device=dev, dtype=torch.long)
             span = max(work[i].position for i in decode) + 1
             lengths = torch.tensor([work[i].position + 1 for i in decode], device=dev)
             dec_index = self._gather_index([work[i].blocks for i in decode], span)
-            dec_mask = (torch.arange(span, device=dev)[None, :] < lengths[:, None])[:, None, None]
+            visible = torch.arange(span, device=dev)[None, :] < lengths[:, None]
+            # Additive, made once per step (a boolean mask is converted in every layer).
+            dec_mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev)
+            dec_mask = dec_mask.masked_fill_(~visible, float("-inf"))[:, None, None]
         earlier = {  # the pool rows of what a later prompt chunk attends to besides itself
             i: torch.tensor(self._pool_index(work[i].blocks, 0, work[i].position), device=dev)
             for i in prefill
@@ -374,24 +380,30 @@ class PagedLlama:
                 )
             qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
             q, k = qk[:, : self.heads], qk[:, self.heads :]
-            keys, values = self._kv[index, 0], self._kv[index, 1]  # [pool rows, kv_heads, d]
-            keys[write_at] = k
-            values[write_at] = v
+            pool = self._kv[index]  # [pool rows, 2, kv_heads, d]
+            pool[write_at] = torch.stack((k, v), 1)
 
-            out = torch.empty_like(q)
+            out = torch.empty_like(q) if prefill else q
             if decode:
                 # [rows, kv_heads, group, d] queries against [rows, kv_heads, span, d] keys:
                 # the query heads of a group ride in the sequence dimension.
-                q_dec = q[dec_rows].view(len(decode), self.kv_heads, self.group, self.head_dim)
-                gathered = (len(decode), span, self.kv_heads, self.head_dim)
+                q_dec = (q if all_decode else q[dec_rows]).view(
+                    len(decode), self.kv_heads, self.group, self.head_dim
+                )
+                kv = pool.index_select(0, dec_index).view(
+                    len(decode), span, 2, self.kv_heads, self.head_dim
+                )
                 o = F.scaled_dot_product_attention(
                     q_dec,
-                    keys.index_select(0, dec_index).view(gathered).transpose(1, 2),
-                    values.index_select(0, dec_index).view(gathered).transpose(1, 2),
+                    kv[:, :, 0].transpose(1, 2),
+                    kv[:, :, 1].transpose(1, 2),
                     attn_mask=dec_mask,
                     scale=self.scale,
-                )
-                out[dec_rows] = o.reshape(len(decode), self.heads, self.head_dim)
+                ).reshape(len(decode), self.heads, self.head_dim)
+                if all_decode:
+                    out = o
+                else:
+                    out[dec_rows] = o
             for i in prefill:
                 w, n, s = work[i], counts[i], starts[i]
                 qi = q[s : s + n].transpose(0, 1)[None]
@@ -399,8 +411,9 @@ class PagedLlama:
                 if w.position == 0:
                     mask, causal = None, True
                 else:  # the cached positions before this chunk, then the chunk itself
-                    ki = torch.cat((keys.index_select(0, earlier[i]), ki))
-                    vi = torch.cat((values.index_select(0, earlier[i]), vi))
+                    before = pool.index_select(0, earlier[i])
+                    ki = torch.cat((before[:, 0], ki))
+                    vi = torch.cat((before[:, 1], vi))
                     end = w.position + n
                     key_pos = torch.arange(end, device=dev)[None, :]
                     query_pos = torch.arange(w.position, end, device=dev)[:, None]
