@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=6)
     args = parser.parse_args(argv)
     found = asyncio.run(
-        run_prefix(args.url, model=args.model, prefix_tokens=args.prefix_tokens,
-                   questions=args.questions)  # fmt: skip
+        run_prefix(
+            args.url, model=args.model, prefix_tokens=args.prefix_tokens, questions=args.questions
+        )  # fmt: skip
     )
     print(json.dumps(found, indent=2))
     return 0

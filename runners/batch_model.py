@@ -189,10 +189,12 @@ class PagedLlama:
         # budget; anything smaller, and a GPU's memory, is zeroed here.
         # Keys and values of a position side by side: one write and one gather per layer.
         shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads, self.head_dim)
-        lazy = self.device.type == "cpu" and kv_bytes_per_token(cfg, self.dtype) * (
-            num_blocks * block_size
-        ) >= _LAZY_POOL_BYTES
-        self._kv = (torch.empty if lazy else torch.zeros)(shape, dtype=self.dtype, device=self.device)
+        lazy = (
+            self.device.type == "cpu"
+            and kv_bytes_per_token(cfg, self.dtype) * (num_blocks * block_size) >= _LAZY_POOL_BYTES
+        )
+        make = torch.empty if lazy else torch.zeros
+        self._kv = make(shape, dtype=self.dtype, device=self.device)
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -205,8 +207,8 @@ class PagedLlama:
     def cache_bytes(self) -> int:
         return self._kv.numel() * self._kv.element_size()
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max()) + 1
+    def _rope(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at ``positions`` (all below ``needed``, known on the host: no sync)."""
         if self._cos.shape[0] < needed:
             size = min(self.context_length, max(needed, 2 * self._cos.shape[0], 256))
             t = torch.arange(size, device=self.device, dtype=torch.float32)
@@ -222,8 +224,8 @@ class PagedLlama:
         return [blocks[p // size] * size + p % size for p in range(start, end)]
 
     def _gather_index(self, tables: list[tuple[int, ...]], span: int) -> torch.Tensor:
-        """The pool rows (flat, ``rows * span``) of positions ``0..span-1`` of each block table (short
-        tables padded with the zero block; the attention mask hides those positions)."""
+        """The pool rows (flat, ``rows * span``) of positions ``0..span-1`` of each block table
+        (short tables padded with the zero block; the attention mask hides those positions)."""
         width = -(-span // self.block_size)
         padded = [list(t[:width]) + [0] * (width - len(t[:width])) for t in tables]
         table = torch.tensor(padded, device=self.device, dtype=torch.long)
@@ -336,7 +338,8 @@ class PagedLlama:
              for i in self._pool_index(w.blocks, w.position, w.position + n)],
             device=dev,
         )  # fmt: skip
-        cos, sin = self._rope(positions)
+        top = max(w.position + n for w, n in zip(work, counts, strict=True))
+        cos, sin = self._rope(positions, top)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
 
         # Decode rows (one token each) attend as one padded batch over their block tables;

@@ -40,6 +40,7 @@ from runners.batch_model import BatchModel, Work, build_batch_model
 from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
+from runners.sampling import RowParams, choose
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +82,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[setting]
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Next token from one row of logits: argmax at temperature 0, else temperature + top-p."""
-    if params.temperature < GREEDY_BELOW:  # dividing by ~0 overflows to inf, then NaN
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest head whose mass reaches top_p (the first token always stays).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0.0
-        pick = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
@@ -532,9 +518,8 @@ class GenerationEngine:
         for request in prefills:
             if budget <= 0:
                 break
-            if request.slot < 0:
-                if not self._free_slots or not self._admit(request, computing):
-                    break
+            if request.slot < 0 and not (self._free_slots and self._admit(request, computing)):
+                break
             start = request.length
             chunk = request.prompt_ids[start : start + budget]
             done = start + len(chunk) == len(request.prompt_ids)
@@ -570,17 +555,17 @@ class GenerationEngine:
         return True
 
     def _advance(self, members: list[_Request], work: list[Work], logits: torch.Tensor) -> None:
-        """Account for the step, then choose and emit a token for each row of ``logits``.
+        """Account for the step, then choose and emit a token for each row of ``logits``:
+        penalties, sampling and log-probabilities for all rows at once on the device, and one
+        read-back (:func:`runners.sampling.choose`).
 
-        ``logits`` is this step's own tensor: penalties are added to their rows in place.
+        ``logits`` is this step's own tensor: penalties are added to its rows in place.
         """
         stats = self.stats
         stats.steps += 1
         stats.batch_sizes[len(members)] += 1
         stats.max_running = max(stats.max_running, len(self._running))
-        sampled: list[tuple[_Request, int, int]] = []  # (request, token or -1, logits row)
-        greedy_rows: list[int] = []
-        row = 0
+        rows: list[_Request] = []
         for request, item in zip(members, work, strict=True):
             request.length += len(item.token_ids)
             if request.length <= len(request.prompt_ids):
@@ -589,64 +574,41 @@ class GenerationEngine:
                 stats.decode_tokens += 1
                 request.token_ids.append(item.token_ids[0])
             self.blocks.commit(request.alloc, request.token_ids, request.length)
-            if not item.want_logits:
-                continue
-            if request.penalty is not None:
-                logits[row].add_(request.penalty)
-            if request.generator is None:
-                greedy_rows.append(row)
-                sampled.append((request, -1, row))
-            else:
-                try:
-                    token = sample_token(logits[row], request.params, request.generator)
-                except RuntimeError as exc:  # e.g. non-finite logits: this request only
-                    logger.error("sampling failed: %r", exc)
-                    self._finish(request, cancelled=False)
-                    request.deliver(RuntimeError(f"sampling failed: {type(exc).__name__}"))
-                else:
-                    sampled.append((request, token, row))
-            row += 1
-        if greedy_rows:  # one argmax and one device sync for all greedy rows
-            picks = iter(logits[greedy_rows].argmax(dim=-1).tolist())
-            sampled = [(r, next(picks) if t < 0 else t, i) for r, t, i in sampled]
-        logprobs = self._logprobs(sampled, logits)
-        for request, token, _ in sampled:
-            if request.penalized:
-                request.penalize(token, logits.shape[-1], logits.device)
-            self._emit(request, token, logprobs.get(id(request)))
-        self._flush()
-
-    def _logprobs(
-        self, sampled: list[tuple[_Request, int, int]], logits: torch.Tensor
-    ) -> dict[int, TokenLogprob]:
-        """The chosen tokens' log-probabilities for the requests that asked, by ``id(request)``.
-
-        Over the penalized logits at the request's temperature (1 for greedy), in one pass and
-        one device sync for all such rows; nothing at all when no request asked.
-        """
-        wanted = [(r, t, i) for r, t, i in sampled if r.params.logprobs]
-        if not wanted:
-            return {}
-        rows = logits[[i for _, _, i in wanted]]
-        temperatures = [1.0 if r.generator is None else r.params.temperature for r, _, _ in wanted]
-        if any(t != 1.0 for t in temperatures):
-            rows = rows / torch.tensor(temperatures, device=rows.device).unsqueeze(1)
-        logp = torch.log_softmax(rows.float(), dim=-1)
-        chosen = torch.tensor([t for _, t, _ in wanted], device=logp.device).unsqueeze(1)
-        k = max(r.params.top_logprobs for r, _, _ in wanted)
-        values, indices = torch.topk(logp, k, dim=-1)  # sorted, best first; k may be 0
-        # One table, one transfer: [chosen logprob, k top logprobs, k top ids] per row (float64
-        # holds float32 values and token ids exactly).
-        parts = [logp.gather(1, chosen), values, indices]
-        table = torch.cat([part.double() for part in parts], dim=1).tolist()
-        result = {}
-        for line, (request, token, _) in zip(table, wanted, strict=True):
-            keep = request.params.top_logprobs
-            top = zip(line[1 + k : 1 + k + keep], line[1 : 1 + keep], strict=True)
-            result[id(request)] = TokenLogprob(
-                token_id=token, logprob=line[0], top=[(int(t), p) for t, p in top]
+            if item.want_logits:
+                rows.append(request)
+        if not rows:
+            self._flush()
+            return
+        penalized = [i for i, request in enumerate(rows) if request.penalty is not None]
+        if penalized:
+            logits.index_add_(
+                0,
+                torch.tensor(penalized, device=logits.device),
+                torch.stack([rows[i].penalty for i in penalized]),
             )
-        return result
+        chosen = choose(logits, [
+            RowParams(
+                generator=request.generator,
+                temperature=request.params.temperature,
+                top_p=request.params.top_p,
+                logprobs=request.params.logprobs,
+                top_logprobs=request.params.top_logprobs,
+            )
+            for request in rows
+        ])  # fmt: skip
+        for request, pick in zip(rows, chosen, strict=True):
+            if not pick.finite:  # NaN or inf logits: this request fails, the batch goes on
+                logger.error("sampling failed: non-finite logits")
+                self._finish(request, cancelled=False)
+                request.deliver(RuntimeError("sampling failed: non-finite logits"))
+                continue
+            if request.penalized:
+                request.penalize(pick.token, logits.shape[-1], logits.device)
+            logprob = None
+            if pick.logprob is not None:
+                logprob = TokenLogprob(token_id=pick.token, logprob=pick.logprob, top=pick.top)
+            self._emit(request, pick.token, logprob)
+        self._flush()
 
     def _flush(self) -> None:
         """Hand this step's tokens over: one wake-up per event loop, not one per token, so the

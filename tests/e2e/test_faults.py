@@ -113,9 +113,9 @@ def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
 
 def _held_by_runner(url: str) -> float:
     metrics = scrape(url)
-    return metrics[("llm_runner_requests_running", ())] + metrics[
-        ("llm_runner_requests_waiting", ())
-    ]
+    return (
+        metrics[("llm_runner_requests_running", ())] + metrics[("llm_runner_requests_waiting", ())]
+    )
 
 
 def assert_failed_fast(threads, streams, whole, since: float, within: float = 5) -> None:

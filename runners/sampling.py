@@ -1,0 +1,102 @@
+"""Choosing every row's next token of a step at once, on the logits' device.
+
+A step's rows mix greedy and sampled requests, each with its own temperature, top-p, seed
+and log-probability request. Everything here is batched tensor work; the host reads the
+result once per step (:meth:`Choice.to_host`), not once per row, which on a GPU is the
+difference between one synchronisation and a hundred.
+
+Sampling is the *exponential race*: with ``E_i ~ Exp(1)`` drawn independently per token,
+``argmax(p_i / E_i)`` picks token ``i`` with probability ``p_i``, exactly as a multinomial
+draw would, but as one batched ``argmax``. Each seeded request draws its noise from its own
+generator, the same amount every step, so its answer is the same whatever else is in the
+batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Exp(1) noise this small turns p / E into an overflow for p > 0 and 0 / 0 for p = 0.
+_TINY_NOISE = 1e-20
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """How one row chooses its token."""
+
+    generator: torch.Generator | None  # None: greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class Chosen:
+    """What the host reads back for one row."""
+
+    token: int
+    finite: bool  # False when the row's logits held NaN or inf: the row cannot be trusted
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def choose(logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
+    """Each row's token (and log-probabilities where asked) from ``logits [n, vocab]``,
+    computed on its device and read back with one transfer."""
+    n, vocab = logits.shape
+    dev = logits.device
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)  # greedy rows' picks; sampled rows are overwritten
+    finite = torch.isfinite(logits).all(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+    if sampled:
+        index = torch.tensor(sampled, device=dev)
+        temperature = torch.tensor([rows[i].temperature for i in sampled], device=dev)
+        probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+        nucleus = [j for j, i in enumerate(sampled) if rows[i].top_p < 1.0]
+        if nucleus:  # sorting is the costly part: only for the rows that need it
+            at = torch.tensor(nucleus, device=dev)
+            top_p = torch.tensor([rows[sampled[j]].top_p for j in nucleus], device=dev)
+            head, order = torch.sort(probs[at], dim=-1, descending=True)
+            # Keep the smallest head whose mass reaches top_p (the first token always stays).
+            head.masked_fill_(torch.cumsum(head, dim=-1) - head > top_p[:, None], 0.0)
+            probs[at] = torch.zeros_like(head).scatter_(1, order, head)
+        noise = torch.empty(len(sampled), vocab, device=dev)
+        for j, i in enumerate(sampled):  # each from its own generator: batch-independent
+            noise[j].exponential_(generator=rows[i].generator)
+        tokens[index] = (probs / noise.clamp_min_(_TINY_NOISE)).argmax(dim=-1)
+    parts = [tokens.double(), finite.double()]
+    wanted = [i for i, row in enumerate(rows) if row.logprobs]
+    k = max((rows[i].top_logprobs for i in wanted), default=0)
+    if wanted:
+        parts.append(_logprob_table(logits, tokens, rows, wanted, k).flatten())
+    host = torch.cat(parts).tolist()  # the step's one read-back
+    out = [Chosen(token=int(host[i]), finite=bool(host[n + i])) for i in range(n)]
+    width = 1 + 2 * k
+    for line, i in enumerate(wanted):
+        values = host[2 * n + line * width : 2 * n + (line + 1) * width]
+        keep = rows[i].top_logprobs
+        out[i].logprob = values[0]
+        ids, logprobs = values[1 + k : 1 + k + keep], values[1 : 1 + keep]
+        out[i].top = [(int(t), p) for t, p in zip(ids, logprobs, strict=True)]
+    return out
+
+
+def _logprob_table(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[RowParams], wanted: list[int], k: int
+) -> torch.Tensor:
+    """``[len(wanted), 1 + 2k]``: the chosen token's log-probability, then the ``k`` best
+    log-probabilities and their token ids (float64 holds both exactly). Over the logits at
+    the row's temperature (1 for greedy), before top-p: what OpenAI reports."""
+    dev = logits.device
+    index = torch.tensor(wanted, device=dev)
+    temperature = torch.tensor(
+        [1.0 if rows[i].generator is None else rows[i].temperature for i in wanted], device=dev
+    )
+    logp = torch.log_softmax(logits[index] / temperature[:, None], dim=-1)
+    chosen = logp.gather(1, tokens[index].unsqueeze(1))
+    values, ids = torch.topk(logp, k, dim=-1)  # sorted, best first; k may be 0
+    return torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
