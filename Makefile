@@ -28,7 +28,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
+.PHONY: gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
 	build containerize bench bench-topology
 
 $(STAMP): pyproject.toml Makefile
@@ -129,3 +129,27 @@ bench: model $(BENCH_STAMP)
 TOPOLOGY_ARGS ?=
 bench-topology: model
 	$(PY) -m bench.topology $(TOPOLOGY_ARGS)
+
+# The GPU check, for the GPU machine we can borrow: Python 3.12 with torch and transformers,
+# no BentoML, no vLLM, no network. `make gpu-wheels` (here) downloads the few pure-Python
+# packages the runner's tests need into $(GPU_WHEELS) (a few MB: carry it along); there,
+# `make gpu-check` runs the runner's engine tests on CUDA and bench.gpu (the engine against
+# transformers' generate_batch on a Llama-3-8B-sized random model in bf16), and writes
+# docs/gpu/ (report.md, results.json, tests.txt).
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+GPU_PACKAGES := pytest pydantic pydantic-settings
+GPU_TESTS := tests/runner/test_batch_model.py tests/runner/test_engine.py \
+	tests/runner/test_engine_kv.py tests/runner/test_kv_blocks.py tests/runner/test_sampling.py
+gpu-wheels:
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		-d $(GPU_WHEELS) $(GPU_PACKAGES)
+
+gpu-check:
+	@test -x .venv-gpu/bin/python || $(GPU_PYTHON) -m venv --system-site-packages .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --no-index --find-links $(GPU_WHEELS) $(GPU_PACKAGES)
+	@mkdir -p docs/gpu
+	LLM_TEST_DEVICE=cuda .venv-gpu/bin/python -m pytest -p no:cacheprovider -q $(GPU_TESTS) \
+		2>&1 | tee docs/gpu/tests.txt
+	.venv-gpu/bin/python -m bench.gpu --out-dir docs/gpu $(GPU_BENCH_ARGS)

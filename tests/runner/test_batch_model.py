@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
 
 from runners.batch_model import PagedLlama, Work, native_support
 
+DEVICE = os.environ.get("LLM_TEST_DEVICE", "cpu")  # `make gpu-check`: cuda
 SMALL = dict(
     vocab_size=97,
     hidden_size=64,
@@ -37,12 +40,12 @@ def build(name: str):
     for module in model.modules():  # random biases, so a path that ignores them would show
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.normal_(module.bias, std=0.5)
-    return model
+    return model.to(DEVICE)
 
 
 def last_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
 
 
 def paged(model, packed: bool = True, blocks: int = 64, block_size: int = 4) -> PagedLlama:
@@ -57,6 +60,8 @@ def table(*blocks: int) -> tuple[int, ...]:
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_mixed_steps_match_the_reference_forward(name, packed):
+    if packed and DEVICE != "cpu":
+        pytest.skip("packed weights are a CPU path")
     model = build(name)
     assert native_support(model.config) is None
     native = paged(model, packed)
@@ -120,3 +125,21 @@ def test_models_without_a_native_path_are_named():
     config = transformers.MistralConfig(**SMALL, sliding_window=16)
     assert "sliding" in native_support(config)
     assert "gpt2" in native_support(transformers.GPT2Config())
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bf16_steps_match_the_reference_forward_in_bf16(name):
+    """The dtype a GPU runs by default, checked on the CPU (bf16 runs there): the paged path
+    against transformers' own bf16 forward, within bf16's precision."""
+    model = build(name).to(torch.bfloat16)
+    native = paged(model, packed=False)
+    assert native._kv.dtype == torch.bfloat16
+    a, b = list(range(3, 20)), list(range(30, 41))
+    ta, tb = table(7, 3, 12, 1, 9), table(20, 21, 22)
+    out = native.forward([Work(0, a[:9], 0, False, blocks=ta), Work(1, b, 0, blocks=tb)])
+    out = native.forward([Work(0, a[9:], 9, blocks=ta), Work(1, [5], 11, blocks=tb)])
+    for got, ids in ((out[0], a), (out[1], b + [5])):
+        want = last_logits(model, ids).float()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.03)
+        assert int(got.argmax()) == int(want.argmax())

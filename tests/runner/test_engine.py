@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from runners.batch_model import PagedLlama, SequentialHF
 from runners.engine import GenerationEngine
 from runners.engine_errors import EngineBusyError, EngineClosedError
 
+# `make gpu-check` runs these tests on CUDA (LLM_TEST_DEVICE=cuda); CI runs them on the CPU.
+DEVICE = os.environ.get("LLM_TEST_DEVICE", "cpu")
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 2, 1, 50]
 # Mixed prompt lengths and budgets, so requests join and leave the batch at different steps.
 MIXED = [
@@ -31,7 +34,7 @@ def greedy(max_new_tokens: int, **extra) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> GenerationEngine:
-    engine = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32")
+    engine = GenerationEngine.load(tiny_model_dir, device=DEVICE, dtype="float32")
     yield engine
     engine.close()
 
@@ -63,7 +66,10 @@ def test_the_llama_model_runs_on_the_native_batched_path(engine):
 def test_greedy_matches_transformers_generate(engine):
     ids, finish = generate(engine, PROMPT, max_new_tokens=20, temperature=0.0)
     reference = engine.model.generate(
-        torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, eos_token_id=None
+        torch.tensor([PROMPT], device=engine.device),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
     )[0, len(PROMPT) :].tolist()
     assert ids == reference
     assert finish == "length" and len(ids) == 20
@@ -172,7 +178,7 @@ def test_many_dropped_streams_leave_the_engine_idle_and_their_blocks_returned(en
 def test_more_requests_than_slots_wait_their_turn(tiny_model_dir):
     small = GenerationEngine.load(
         tiny_model_dir,
-        device="cpu",
+        device=DEVICE,
         dtype="float32",
         max_batch_size=2,
         max_batch_tokens=8,
@@ -206,7 +212,7 @@ def test_beyond_its_in_flight_limit_the_engine_refuses_at_once_and_then_takes_re
     tiny_model_dir,
 ):
     small = GenerationEngine.load(
-        tiny_model_dir, device="cpu", dtype="float32", max_batch_size=2, max_in_flight=3
+        tiny_model_dir, device=DEVICE, dtype="float32", max_batch_size=2, max_in_flight=3
     )
     try:
         assert small.max_in_flight == 3
@@ -233,7 +239,9 @@ def test_beyond_its_in_flight_limit_the_engine_refuses_at_once_and_then_takes_re
     finally:
         small.close()
 
-    default = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32", max_batch_size=3)
+    default = GenerationEngine.load(
+        tiny_model_dir, device=DEVICE, dtype="float32", max_batch_size=3
+    )
     try:  # by default: a full batch running and one more waiting
         assert default.max_in_flight == 6
     finally:
@@ -244,7 +252,7 @@ def test_chunked_prefill_gives_the_same_tokens(engine, tiny_model_dir):
     long_prompt = [1] + list(range(100, 190)) + [2, 1]
     whole, _ = generate(engine, long_prompt, max_new_tokens=12, temperature=0.0)
     chunked = GenerationEngine.load(
-        tiny_model_dir, device="cpu", dtype="float32", max_batch_tokens=16
+        tiny_model_dir, device=DEVICE, dtype="float32", max_batch_tokens=16
     )
     try:
         assert generate(chunked, long_prompt, max_new_tokens=12, temperature=0.0)[0] == whole
@@ -256,7 +264,7 @@ def test_chunked_prefill_gives_the_same_tokens(engine, tiny_model_dir):
 
 def test_the_transformers_fallback_gives_the_same_greedy_tokens(engine, tiny_model_dir):
     fallback = GenerationEngine.load(
-        tiny_model_dir, device="cpu", dtype="float32", backend="transformers"
+        tiny_model_dir, device=DEVICE, dtype="float32", backend="transformers"
     )
     try:
         assert isinstance(fallback.batch_model, SequentialHF)
@@ -288,7 +296,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
 
 
 def test_closing_the_engine_fails_waiting_requests(tiny_model_dir):
-    closing = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32")
+    closing = GenerationEngine.load(tiny_model_dir, device=DEVICE, dtype="float32")
 
     async def run():
         stream = closing.stream(PROMPT, greedy(10_000))
@@ -332,7 +340,7 @@ def test_a_failing_prefill_fails_only_the_new_request(engine, monkeypatch):
 
 
 def test_a_scheduler_crash_fails_streams_instead_of_hanging(tiny_model_dir, monkeypatch):
-    crashing = GenerationEngine.load(tiny_model_dir, device="cpu", dtype="float32")
+    crashing = GenerationEngine.load(tiny_model_dir, device=DEVICE, dtype="float32")
 
     def broken_schedule():
         raise KeyError("a scheduler bug")
@@ -367,7 +375,8 @@ async def collect_logprobs(engine: GenerationEngine, prompt, params) -> tuple[li
 def reference_logits(engine: GenerationEngine, prompt: list[int], generated: list[int]):
     """The transformers model's next-token logits after ``prompt + generated``."""
     with torch.no_grad():
-        return engine.model(torch.tensor([prompt + generated])).logits[0, -1].float().clone()
+        ids = torch.tensor([prompt + generated], device=engine.device)
+        return engine.model(ids).logits[0, -1].float().cpu()
 
 
 def repeats(ids: list[int]) -> int:
@@ -514,6 +523,7 @@ def test_penalties_and_logprobs_are_the_same_alone_and_batched(engine):
 
 
 def test_the_runner_api_passes_penalties_and_logprobs_and_keeps_plain_lines_small(engine):
+    pytest.importorskip("bentoml", reason="the GPU check's machine has no BentoML")
     from runners.llm import LLMRunner
 
     runner = object.__new__(LLMRunner.inner)  # no BentoML model store: the engine is ours

@@ -12,13 +12,13 @@ from logic.protocol import SamplingParams
 from runners.engine import GIB, GenerationEngine
 from runners.engine_api import engine_metrics
 from runners.engine_errors import EngineBusyError, EngineRequestError
-from tests.runner.test_engine import collect, greedy
+from tests.runner.test_engine import DEVICE, collect, greedy
 
 SYSTEM = [1] + list(range(100, 147))  # a 48-token "system prompt" shared by every request
 
 
 def load(model_dir: Path, **options) -> GenerationEngine:
-    return GenerationEngine.load(model_dir, device="cpu", dtype="float32", **options)
+    return GenerationEngine.load(model_dir, device=DEVICE, dtype="float32", **options)
 
 
 @pytest.fixture(scope="module")

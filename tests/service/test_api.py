@@ -389,15 +389,29 @@ def test_an_unexpected_failure_is_an_openai_shaped_500(client, api, monkeypatch)
     assert client.get("/v1/models").status_code == 200
 
 
-def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: ConnectionRefusedError(111, "Connection refused"),
+        lambda: __import__("aiohttp").ServerDisconnectedError(),
+        lambda: __import__("httpx").ConnectError("no route"),
+        lambda: __import__("runners.client").client.RunnerStoppedError("engine_stopped"),
+    ],
+    ids=["refused", "disconnected", "httpx", "engine-stopped"],
+)
+def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch, failure):
+    """The runner client fails as a real one does (the API's own mapping, ``_relay``, makes
+    it a 503): refused, dropped, or an engine that stopped behind a live runner."""
     import service
-    from logic.errors import RunnerUnavailableError
 
-    async def unreachable(prompt_ids, params):
-        raise RunnerUnavailableError()
-        yield  # an async generator, like the real one
+    api = service.api_app.state.chat._generate.__self__
 
-    monkeypatch.setattr(service.api_app.state.chat, "_generate", unreachable)
+    class Unreachable:
+        async def generate(self, prompt_ids, params, *, request_id=None):
+            raise failure()
+            yield  # an async generator, like the real one
+
+    monkeypatch.setattr(api, "_client", Unreachable())
     for stream in (False, True):
         body = {"messages": USER, "max_tokens": 2, "stream": stream}
         resp = client.post("/v1/chat/completions", json=body)
