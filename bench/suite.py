@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import run_names, versions
+from bench.prefix import run_prefix
 from bench.serving import (
     RequestRecord,
     Target,
@@ -99,11 +100,27 @@ TARGETS: dict[str, tuple[str, float | None, str]] = {
         "ours on vLLM: latency after dropped streams / idle latency", None, "info",
     ),
     "split_native_vs_vllm": ("{n} clients: output tok/s, ours / ours on vLLM", None, "info"),
+    "served_native_vs_vllm_serve": (
+        "{n} clients: output tok/s, ours (native engine) / vllm serve", 1.0, "min",
+    ),
+    "served_latency_native_vs_vllm_serve": (
+        "1-client latency, ours (native engine) / vllm serve", 1.0, "max",
+    ),
     "in_process_native_vs_vllm": (
-        "in process, {n} streams: output tok/s, our engine / vLLM AsyncLLM", None, "info",
+        "in process, {n} streams: output tok/s, our engine / vLLM AsyncLLM", 1.0, "min",
+    ),
+    "in_process_single_native_vs_vllm": (
+        "in process, 1 stream: output tok/s, our engine / vLLM AsyncLLM", 1.0, "min",
     ),
     "in_process_latency_native_vs_vllm": (
         "in process, 1 stream: latency, our engine / vLLM AsyncLLM", None, "info",
+    ),
+    "prefix_ttft_ours": (
+        "shared 2,000-token system prompt, served: later TTFT / first TTFT, ours", 0.1, "max",
+    ),
+    "prefix_ttft_vllm_serve": (
+        "shared 2,000-token system prompt, served: later TTFT / first TTFT, vllm serve",
+        None, "info",
     ),
 }  # fmt: skip
 
@@ -128,6 +145,7 @@ def latency_comparisons(records: dict[str, list[RequestRecord]], clients: int) -
     pairs = {
         "latency_vs_generate": (run_name(OURS, 1), "sequential_generate"),
         "vllm_latency_vs_vllm_serve": (run_name(OURS_VLLM, 1), run_name(VLLM_SERVE, 1)),
+        "served_latency_native_vs_vllm_serve": (run_name(OURS, 1), run_name(VLLM_SERVE, 1)),
         "in_process_latency_native_vs_vllm": (native_1, vllm_1),
     }
     return {
@@ -142,6 +160,7 @@ def target_values(
     latency: dict[str, dict],
     drops: dict[str, dict],
     clients: int,
+    prefix: dict[str, dict] | None = None,
 ) -> dict[str, float | None]:
     """Every TARGETS entry's measured value (None: not measured)."""
     ours, peer = run_name(OURS, clients), run_name(PEER, clients)
@@ -156,6 +175,12 @@ def target_values(
         "vllm_latency_after_drop": drops.get(OURS_VLLM, {}).get("ratio"),
         "split_native_vs_vllm": ratio(results, ours, ours_vllm),
         "in_process_native_vs_vllm": ratio(results, native_n, vllm_n),
+        "served_native_vs_vllm_serve": ratio(results, ours, vllm_serve),
+        "in_process_single_native_vs_vllm": ratio(
+            results, run_names("native", clients)[1], run_names("vllm", clients)[1]
+        ),
+        "prefix_ttft_ours": (prefix or {}).get(OURS, {}).get("ratio"),
+        "prefix_ttft_vllm_serve": (prefix or {}).get(VLLM_SERVE, {}).get("ratio"),
     }
     for key, comparison in latency.items():
         values[key] = comparison.get("ratio")
@@ -241,6 +266,18 @@ def server(cmd: list[str], ready_url: str, log: Path, env: dict[str, str], timeo
                 proc.wait()
 
 
+def prefix_metrics(port: int) -> dict[str, float]:
+    """Our runner's prefix-cache counters, from the API's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("llm_runner_prefix_cache_") or line.startswith("llm_runner_kv_cache_"):
+            name, value = line.rsplit(" ", 1)
+            found[name.removeprefix("llm_runner_")] = float(value)
+    return found
+
+
 def warm_up(target: Target, clients: int) -> None:
     """One request, then a full batch: first calls pay for lazy init, in any server."""
     short = [WorkItem("Say hello.", 16)]
@@ -257,6 +294,7 @@ class Runs:
         self.results: dict[str, dict] = {}
         self.records: dict[str, list[RequestRecord]] = {}
         self.drops: dict[str, dict] = {}
+        self.prefix: dict[str, dict] = {}  # bench.prefix, by server
         self.failures: list[str] = []
         self.notes: dict[str, Any] = {}
 
@@ -283,8 +321,10 @@ def measure_server(
     *,
     latency: bool = True,
     drop: bool = False,
+    prefix: bool = False,
 ) -> None:
-    """Warm-up, then throughput (and latency, and drop) against a ready server."""
+    """Warm-up, then throughput (and latency, drop, and a shared long system prompt) against
+    a ready server."""
     warm_up(target, args.clients)
     runs.add(
         run_name(target.name, args.clients), *asyncio.run(run_clients(target, work, args.clients))
@@ -296,6 +336,13 @@ def measure_server(
         runs.drops[target.name] = asyncio.run(
             run_drop(target, work[0], streams=args.drop_streams, tokens=args.drop_tokens)
         )
+    if prefix and args.prefix_tokens:
+        found = asyncio.run(
+            run_prefix(target.url, model=target.model, prefix_tokens=args.prefix_tokens)
+        )
+        runs.prefix[target.name] = found
+        first, later = found["first_ttft_s"], found["later_ttft_p50_s"]
+        print(f"{target.name}: prefix TTFT first {first:.3f} s, later p50 {later:.3f} s")
 
 
 def vllm_server_command(venv: Path) -> list[str]:
@@ -351,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vllm-venv", type=Path, default=ROOT / ".venv-vllm", help="virtualenv with vLLM"
     )
+    parser.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=2000,
+        help="bench.prefix's shared system prompt (0: leave that part out)",
+    )
     parser.add_argument("--out", default="bench-results/suite")
     args = parser.parse_args(argv)
 
@@ -374,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(bin_dir / "bentoml"), "serve", args.service, "--port", str(args.port)]
         env = {**base_env, "LLM_ENGINE": "native"}
         with server(cmd, f"http://127.0.0.1:{args.port}/readyz", logs / "ours.log", env):
-            measure_server(runs, target, args, work, drop=True)
+            measure_server(runs, target, args, work, drop=True, prefix=True)
+            runs.notes["ours_prefix_cache"] = prefix_metrics(args.port)
 
     def peer() -> None:
         port = args.port + 1
@@ -402,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.notes["vllm_serve_command"] = " ".join(cmd)
         ready = f"http://127.0.0.1:{port}/health"
         with server(cmd, ready, logs / "vllm-serve.log", vllm_env, VLLM_START_TIMEOUT):
-            measure_server(runs, target, args, work)
+            measure_server(runs, target, args, work, prefix=True)
 
     def ours_vllm() -> None:
         port = args.port + 3
@@ -436,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.part("in-process generate", baselines)
 
     latency = latency_comparisons(runs.records, args.clients)
-    values = target_values(runs.results, latency, runs.drops, args.clients)
+    values = target_values(runs.results, latency, runs.drops, args.clients, runs.prefix)
     checks = checks_of(values)
     machine = {
         "platform": platform.platform(),
@@ -457,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": runs.results,
             "latency_comparisons": latency,
             "drop": runs.drops,
+            "prefix": runs.prefix,
             "targets": checks,
             "notes": runs.notes,
             "failures": runs.failures,
@@ -508,6 +563,15 @@ def report(
             f"{drop['idle_latency_s']:.2f} s idle, {drop['after_drop_latency_s']:.2f} s after"
             f"{'; errors: ' + '; '.join(drop['errors']) if drop['errors'] else ''}."
         )
+    for name, found in runs.prefix.items():
+        lines.append(
+            f"- Shared system prompt, {name}: {found['prompt_tokens']} prompt tokens; TTFT "
+            f"{found['first_ttft_s']:.3f} s for the first question, {found['later_ttft_p50_s']:.3f}"
+            f" s (p50) for the {len(found['records']) - 1} after it."
+        )
+    if "ours_prefix_cache" in runs.notes:
+        counters = runs.notes["ours_prefix_cache"]
+        lines.append(f"- Our runner's KV and prefix-cache series after its part: {counters}.")
     if "vllm_serve_command" in runs.notes:
         lines.append(f"- vllm serve ran as: `{runs.notes['vllm_serve_command']}`.")
     for engine, note in runs.notes.get("engines", {}).items():
