@@ -36,11 +36,11 @@ _ACTIONS = [
 
 
 def rule_book(tokens: int, seed: int = 0) -> str:
-    """A system prompt of roughly ``tokens`` tokens (about 16 per rule), the same per seed."""
+    """A system prompt of roughly ``tokens`` tokens (about 21 per rule), the same per seed."""
     rng = random.Random(seed)
     rules = [
         f"Rule {i}: when a user asks about {rng.choice(_THINGS)}, {rng.choice(_ACTIONS)}."
-        for i in range(1, max(2, tokens // 16) + 1)
+        for i in range(1, max(2, tokens // 21) + 1)
     ]
     return "You are a careful assistant. Follow these rules.\n" + "\n".join(rules)
 

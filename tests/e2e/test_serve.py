@@ -282,3 +282,34 @@ def test_served_errors_reach_the_sdk_with_their_status(client, kwargs, status, c
         client.chat.completions.create(**body)
     assert info.value.status_code == status
     assert info.value.body["code"] == code
+
+
+def test_a_shared_system_prompt_is_computed_once_and_answers_stay_the_same(server, client):
+    """Prefix caching on the real model: the second and third requests with the same long
+    system prompt reuse its KV (the runner's counters say so) and answer as the first did."""
+    from bench.prefix import rule_book
+
+    system = rule_book(800, seed=3)
+
+    def ask(question: str) -> tuple[str, int]:
+        completion = client.chat.completions.create(
+            model=DEFAULT_MODEL, temperature=0, max_tokens=12,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        )  # fmt: skip
+        return completion.choices[0].message.content, completion.usage.prompt_tokens
+
+    before = scrape(server.url)
+    first, prompt_tokens = ask("Which rule covers bread?")
+    middle = scrape(server.url)
+    again, _ = ask("Which rule covers bread?")
+    other, _ = ask("Which rule covers chess?")
+    after = scrape(server.url)
+    hits, computed = "llm_runner_prefix_cache_hits_total", "llm_runner_prompt_tokens_total"
+    assert prompt_tokens > 700
+    assert again == first  # greedy, from cached KV: the same answer
+    assert other != first
+    # The first request computed its whole prompt; each later one all but under two blocks
+    # of it (the question, and the last block, which is always computed).
+    assert middle[(computed, ())] - before[(computed, ())] == prompt_tokens
+    assert after[(computed, ())] - middle[(computed, ())] < 2 * 40
+    assert after[(hits, ())] - middle[(hits, ())] >= 2 * (prompt_tokens - 40)
