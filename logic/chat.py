@@ -31,9 +31,8 @@ from logic.errors import (
 from logic.json_output import (
     JSONExtractionError,
     extract_json,
-    schema_problems,
-    unsupported_keywords,
-    validate_json,
+    schema_errors,
+    validation_errors,
 )
 from logic.metrics import GenerationMetrics
 from logic.model_files import ModelFiles
@@ -58,6 +57,7 @@ from logic.protocol import (
     ModelList,
     ResponseFormat,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
     TokenLogprobEntry,
     TopLogprob,
@@ -157,7 +157,9 @@ class ChatCompletionService:
         stops = request.stop_strings + self._files.template_markers
         return PreparedPrompt(
             prompt_ids=prompt_ids,
-            params=self._sampling_params(request, len(prompt_ids)),
+            params=self._sampling_params(
+                request, len(prompt_ids), structured_output(request.response_format)
+            ),
             stop_strings=stops,
             n=request.n,
             response_format=request.response_format,
@@ -170,7 +172,12 @@ class ChatCompletionService:
         if request.user:
             logger.info("request for user %r", request.user)
 
-    def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> SamplingParams:
+    def _sampling_params(
+        self,
+        request: GenerationRequest,
+        prompt_tokens: int,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self._completion_budget(request, prompt_tokens),
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -181,6 +188,7 @@ class ChatCompletionService:
             frequency_penalty=request.frequency_penalty or 0.0,
             logprobs=request.wants_logprobs,
             top_logprobs=request.top_logprob_count,
+            structured=structured,
         )
 
     def _completion_budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
@@ -510,30 +518,35 @@ def _names(value: str) -> list[str]:
 
 
 def check_response_format(response_format: ResponseFormat | None) -> None:
-    """A JSON schema we cannot check is refused up front (400), not half-enforced."""
+    """A JSON schema that is not one is refused up front (400). What the runner cannot compile
+    for constrained decoding it refuses itself, also with a 400 that names the problem."""
     if response_format is None or response_format.type != "json_schema":
         return
-    schema = response_format.json_schema.json_schema
-    param = "response_format.json_schema.schema"
-    problems = schema_problems(schema)
+    problems = schema_errors(response_format.json_schema.json_schema)
     if problems:
         raise InvalidRequestError(
-            f"Invalid JSON schema: {'; '.join(problems[:3])}.", param=param, code="invalid_value"
+            f"Invalid JSON schema: {'; '.join(problems[:3])}.",
+            param="response_format.json_schema.schema",
+            code="invalid_value",
         )
-    unsupported = unsupported_keywords(schema)
-    if unsupported:
-        raise InvalidRequestError(
-            f"JSON schema keywords this server cannot check: {', '.join(sorted(unsupported))}.",
-            param=param,
-            code="unsupported_value",
-        )
+
+
+def structured_output(response_format: ResponseFormat | None) -> StructuredOutput | None:
+    """What the runner constrains decoding to, for a ``response_format``."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput(kind="json_object")
+    schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))
+    return StructuredOutput(kind="json_schema", json_schema=schema)
 
 
 def _with_format_instruction(
     messages: list[dict[str, str]], response_format: ResponseFormat | None
 ) -> list[dict[str, str]]:
     """Tell the model about a JSON format in the system message (the template's own place
-    for instructions); the answer is checked afterwards by :func:`_enforce_format`."""
+    for instructions): the runner constrains the answer to it, and a model that knows what
+    it is writing fills it with better values."""
     if response_format is None or response_format.type == "text":
         return messages
     check_response_format(response_format)
@@ -548,26 +561,32 @@ def _with_format_instruction(
 
 
 def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
-    """The answer as the format asks: JSON extracted from it (and checked against the
-    schema), re-serialized; a 422 when the model's answer cannot satisfy the format."""
+    """The answer as the format asks. The runner constrained it to the format, so it parses
+    and matches unless it was cut short (``max_tokens``): then a 422, as OpenAI answers a
+    JSON answer cut by the length limit. Checked again here anyway (``jsonschema``)."""
     if response_format is None or response_format.type == "text":
         return text
     try:
         value = extract_json(text)
     except JSONExtractionError as exc:
         raise UnprocessableError(
-            f"The model's answer is not valid JSON ({exc}). Retry, or relax response_format.",
+            f"The answer is not complete JSON ({exc}); it was most likely cut by max_tokens. "
+            "Retry with a larger max_tokens.",
             param="response_format",
             code="response_format_not_met",
         ) from None
     if response_format.type == "json_schema":
-        problems = validate_json(value, response_format.json_schema.json_schema)
+        problems = validation_errors(value, response_format.json_schema.json_schema)
         if problems:
             raise UnprocessableError(
-                "The model's answer does not match the JSON schema: "
-                + "; ".join(problems[:5])
-                + ". Retry, or relax response_format.",
+                "The answer does not match the JSON schema: " + "; ".join(problems) + ".",
                 param="response_format",
                 code="response_format_not_met",
             )
+    elif not isinstance(value, dict):
+        raise UnprocessableError(
+            "The answer is not a JSON object.",
+            param="response_format",
+            code="response_format_not_met",
+        )
     return json.dumps(value, ensure_ascii=False)

@@ -24,6 +24,18 @@ from pydantic import (
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
+class StructuredOutput(BaseModel):
+    """Constrained decoding: the runner lets only tokens that keep the answer valid be chosen.
+
+    ``json_object``: any JSON object. ``json_schema``: a JSON value matching ``json_schema``
+    (the schema as JSON text, so runners compile and cache it by its exact text). Answers are
+    compact JSON: no free runs of whitespace for a small model to wander in.
+    """
+
+    kind: Literal["json_object", "json_schema"]
+    json_schema: str | None = None
+
+
 class SamplingParams(BaseModel):
     """What the business logic asks of the runner, besides the prompt's token ids."""
 
@@ -40,6 +52,7 @@ class SamplingParams(BaseModel):
     # and of the ``top_logprobs`` most likely alternatives.
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    structured: StructuredOutput | None = None
 
 
 FinishReason = Literal["stop", "length"]

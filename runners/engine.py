@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
-from runners.batch_model import BatchModel, Work, build_batch_model
+from runners.batch_model import BatchModel, Work, build_batch_model, kv_bytes_per_token
 from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
@@ -59,15 +59,27 @@ DEFAULT_CPU_KV_GIB = 2.0
 DEFAULT_GPU_KV_FRACTION = 0.85
 
 
-def kv_budget_bytes(device: torch.device, gib: float | None, fraction: float | None) -> int:
-    """The KV memory budget: ``gib`` when set; on CUDA a ``fraction`` of the free memory
-    (measure it after the weights are loaded); else :data:`DEFAULT_CPU_KV_GIB`."""
+def kv_budget_bytes(
+    device: torch.device, gib: float | None, fraction: float | None, most: int | None = None
+) -> int:
+    """The KV memory budget: ``gib`` when set. Else on CUDA a ``fraction`` of the free memory
+    (measure it after the weights are loaded), on a CPU :data:`DEFAULT_CPU_KV_GIB`; either at
+    most ``most`` bytes (what the engine can use: see :func:`kv_bytes_useful`)."""
     if gib:
         return int(gib * GIB)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * (fraction or DEFAULT_GPU_KV_FRACTION))
-    return int(DEFAULT_CPU_KV_GIB * GIB)
+        budget = int(free * (fraction or DEFAULT_GPU_KV_FRACTION))
+    else:
+        budget = int(DEFAULT_CPU_KV_GIB * GIB)
+    return min(budget, most) if most else budget
+
+
+def kv_bytes_useful(per_token: int, batch: int, context: int) -> int:
+    """Twice a full batch of full-context sequences: all the running sequences can hold,
+    and as much again for cached prefixes. A default budget larger than that would be
+    memory the engine never uses well (a small model's 2 GiB on a CPU, 100 GB on a GPU)."""
+    return 2 * batch * context * per_token
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -105,6 +117,7 @@ class _Request:
     alloc: Allocation | None = None  # its KV blocks, once admitted
     token_ids: list[int] = field(default_factory=list)  # prompt, then the tokens fed back
     block_hashes: list[bytes] | None = None  # the prompt's full blocks, for the prefix cache
+    matcher: Any = None  # structured outputs: its grammar state (runners.grammar.Constraint)
     next_token: int | None = None  # sampled, not yet fed
     produced: int = 0
     # Presence and frequency penalties, kept as the bias they add to the logits ([vocab],
@@ -162,6 +175,7 @@ class GenerationEngine:
         max_batch_tokens: int,
         max_in_flight: int | None = None,
         prefix_caching: bool = True,
+        tokenizer_dir: str | Path | None = None,
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
         returns (and re-raises what ``build`` raised).
@@ -175,6 +189,8 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._max_in_flight = max_in_flight
         self._prefix_caching = prefix_caching
+        self._tokenizer_dir = tokenizer_dir  # for structured outputs' grammars
+        self._grammars: Any = None
         self._pending: collections.deque[_Request] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -262,7 +278,10 @@ class GenerationEngine:
                 backend=backend,
                 max_slots=batch,
                 context_length=context,
-                kv_budget_bytes=kv_budget_bytes(dev, kv_cache_gib, kv_cache_fraction),
+                kv_budget_bytes=kv_budget_bytes(
+                    dev, kv_cache_gib, kv_cache_fraction,
+                    kv_bytes_useful(kv_bytes_per_token(model.config, model.dtype), batch, context),
+                ),  # fmt: skip
                 block_size=kv_block_size,
                 packed_weights=packed_weights,
             )
@@ -274,6 +293,7 @@ class GenerationEngine:
             max_batch_tokens=max_batch_tokens or default_tokens,
             max_in_flight=max_in_flight,
             prefix_caching=prefix_caching,
+            tokenizer_dir=path,
         )
         pool = engine.blocks
         logger.info(
@@ -336,6 +356,10 @@ class GenerationEngine:
         """
         self.validate(prompt_ids)
         request = self._make_request(prompt_ids, params)
+        if params.structured is not None:
+            request.matcher = await self._get_grammars().matcher(
+                params.structured, params.stop_token_ids
+            )
         self._submit(request)
         try:
             while True:
@@ -361,6 +385,19 @@ class GenerationEngine:
                 request.cancelled = True
                 self._notify()
 
+    def _get_grammars(self) -> Any:
+        if self._grammars is None:
+            if self._tokenizer_dir is None:
+                raise EngineRequestError(
+                    "Structured outputs need the model's tokenizer, which this engine was not "
+                    "given.",
+                    param="response_format",
+                )
+            from runners.grammar import Grammars  # xgrammar only once a request needs it
+
+            self._grammars = Grammars(self._tokenizer_dir, self.vocab_size)
+        return self._grammars
+
     def _submit(self, request: _Request) -> None:
         with self._wake:
             if self._closed:
@@ -381,6 +418,8 @@ class GenerationEngine:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout)
+        if self._grammars is not None:
+            self._grammars.close()
 
     @property
     def closed(self) -> bool:
@@ -586,6 +625,13 @@ class GenerationEngine:
                 torch.tensor(penalized, device=logits.device),
                 torch.stack([rows[i].penalty for i in penalized]),
             )
+        constrained = {
+            i: request.matcher for i, request in enumerate(rows) if request.matcher is not None
+        }
+        if constrained:
+            from runners.grammar import mask_logits
+
+            mask_logits(logits, constrained)
         chosen = choose(logits, [
             RowParams(
                 generator=request.generator,
@@ -601,6 +647,11 @@ class GenerationEngine:
                 logger.error("sampling failed: non-finite logits")
                 self._finish(request, cancelled=False)
                 request.deliver(RuntimeError("sampling failed: non-finite logits"))
+                continue
+            if request.matcher is not None and not request.matcher.accept(pick.token):
+                logger.error("structured output: token %d rejected by its grammar", pick.token)
+                self._finish(request, cancelled=False)
+                request.deliver(RuntimeError("structured output: grammar rejected a token"))
                 continue
             if request.penalized:
                 request.penalize(pick.token, logits.shape[-1], logits.device)

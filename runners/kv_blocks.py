@@ -68,7 +68,9 @@ class BlockPool:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.stats = PrefixCacheStats()
-        self._free: collections.deque[int] = collections.deque(range(1, num_blocks))
+        # A stack: the block freed last is reused first, so churn keeps touching the same
+        # few blocks (on a CPU the pool's pages are only resident once written).
+        self._free: list[int] = list(range(num_blocks - 1, 0, -1))
         self._refs = [0] * num_blocks
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}  # hash -> block, for every registered block
@@ -189,7 +191,7 @@ class BlockPool:
             self._free.append(self._evict())
 
     def _take(self) -> int:
-        block = self._free.popleft() if self._free else self._evict()
+        block = self._free.pop() if self._free else self._evict()
         self._refs[block] = 1
         return block
 

@@ -21,7 +21,7 @@ import yaml
 
 from logic import logs
 from logic.auth import MetricsGuard
-from logic.protocol import SamplingParams
+from logic.protocol import SamplingParams, StructuredOutput
 from logic.settings import Settings, get_settings
 from runners.client import BUSY, INVALID, STOPPED
 from runners.engine_api import Engine, engine_metrics
@@ -165,6 +165,7 @@ class LLMRunner:
         frequency_penalty: float = 0.0,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        structured: StructuredOutput | None = None,
         request_id: str | None = None,
     ) -> AsyncGenerator[str, None]:
         """Stream generated token ids as NDJSON lines; an ``{"error": ...}`` line on failure.
@@ -186,6 +187,7 @@ class LLMRunner:
                 frequency_penalty=frequency_penalty,
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
+                structured=structured,
             )
             # aclosing: a client that hangs up ends the engine request now, not at GC time.
             async with contextlib.aclosing(self.engine.stream(prompt_ids, params)) as chunks:

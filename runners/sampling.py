@@ -38,7 +38,7 @@ class Chosen:
     """What the host reads back for one row."""
 
     token: int
-    finite: bool  # False when the row's logits held NaN or inf: the row cannot be trusted
+    finite: bool  # False when the row's logits held NaN or +inf, or allowed nothing
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
 
@@ -50,7 +50,10 @@ def choose(logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
     dev = logits.device
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # greedy rows' picks; sampled rows are overwritten
-    finite = torch.isfinite(logits).all(dim=-1)
+    # A row is broken by a NaN or +inf anywhere, or when nothing is allowed; -inf alone is
+    # how masks (structured outputs) rule tokens out.
+    finite = ~(torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
+    finite &= (logits > float("-inf")).any(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
         index = torch.tensor(sampled, device=dev)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -35,7 +36,7 @@ import psutil
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -98,8 +99,18 @@ def to_vllm(params: SamplingParams, *, room: int) -> VLLMSamplingParams:
       engine ends with ``length`` too.
     * Temperatures below ``GREEDY_BELOW`` are greedy on both engines; penalties count the
       generated tokens only, on both; logprobs are taken after penalties and temperature.
+    * Structured outputs go to vLLM's own (xgrammar, as ours): compact JSON, no properties
+      the schema does not name, as on the native engine.
     """
     greedy = params.temperature < GREEDY_BELOW
+    structured = None
+    if params.structured is not None:
+        schema = params.structured.json_schema if params.structured.kind == "json_schema" else None
+        structured = StructuredOutputsParams(
+            json=json.loads(schema) if schema else {"type": "object"},
+            disable_any_whitespace=True,
+            disable_additional_properties=True,
+        )
     return VLLMSamplingParams(
         max_tokens=min(params.max_new_tokens, room),
         temperature=0.0 if greedy else params.temperature,
@@ -113,6 +124,7 @@ def to_vllm(params: SamplingParams, *, room: int) -> VLLMSamplingParams:
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured,
     )
 
 
@@ -311,6 +323,12 @@ class VLLMEngine:
         except VLLMClientError as exc:  # its validation: the request's fault
             ended = True
             raise EngineRequestError(str(exc)) from None
+        except ValueError as exc:  # a schema its structured outputs cannot compile
+            ended = True
+            raise EngineRequestError(
+                f"The request cannot be served as asked: {exc}",
+                param="response_format" if params.structured else None,
+            ) from None
         finally:
             self._in_flight -= 1
             if not ended:  # the consumer left: vLLM's generator aborted the request

@@ -361,19 +361,46 @@ def test_native_endpoints_refuse_a_body_that_is_not_json(client, path):
     assert resp.json()["error"]["code"] == "unsupported_media_type"
 
 
+# Small (the tiny model's window is 256 tokens, and the schema is in the prompt) and bounded:
+# a random model must finish it.
+BOUNDED = {
+    "type": "object",
+    "properties": {"s": {"enum": ["S", "M"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["s", "n"],
+}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 def test_response_format_through_the_sdk(api):
-    # The tiny random model cannot write JSON: the answer fails the format, a 422.
+    # The tiny random model writes what its schema allows, and it parses, whatever the seed.
+    for seed in range(3):
+        out = api.chat.completions.create(
+            model="tiny-chat", messages=USER, max_tokens=40, seed=seed,
+            response_format=schema_format(BOUNDED),
+        )  # fmt: skip
+        assert out.choices[0].finish_reason == "stop"
+        value = json.loads(out.choices[0].message.content)
+        assert set(value) == {"s", "n"} and value["s"] in "SM" and value["n"] <= 9
+    # Cut by max_tokens before the JSON is whole: a 422 that says so.
     with pytest.raises(openai.UnprocessableEntityError) as info:
         api.chat.completions.create(
-            model="tiny-chat", messages=USER, max_tokens=8, response_format={"type": "json_object"}
-        )
-    assert info.value.body["code"] == "response_format_not_met"
-    with pytest.raises(openai.BadRequestError):  # a schema we cannot check is refused first
-        api.chat.completions.create(
-            model="tiny-chat", messages=USER, max_tokens=8,
-            response_format={"type": "json_schema",
-                             "json_schema": {"name": "x", "schema": {"$ref": "#/a"}}},
+            model="tiny-chat", messages=USER, max_tokens=3,
+            response_format=schema_format(BOUNDED),
         )  # fmt: skip
+    assert info.value.body["code"] == "response_format_not_met"
+    assert "max_tokens" in info.value.body["message"]
+    # Not a schema: the API refuses it. One the grammar engine cannot compile: the runner does.
+    for schema, says in (({"type": "strng"}, "strng"), ({"type": "string", "pattern": "(?<=a)b"},
+                                                          "Lookbehind")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(
+                model="tiny-chat", messages=USER, max_tokens=8,
+                response_format=schema_format(schema),
+            )  # fmt: skip
+        assert says in info.value.body["message"]
 
 
 def test_an_unexpected_failure_is_an_openai_shaped_500(client, api, monkeypatch):

@@ -37,8 +37,21 @@ def call(app, key: str = "unused", **kwargs):
         ({"temperature": 3}, openai.BadRequestError, "invalid_value"),
         ({"extra_body": {"tools": []}}, openai.BadRequestError, "unsupported_parameter"),
         ({"model": "gpt-4o"}, openai.NotFoundError, "model_not_found"),
-        (
-            {"response_format": {"type": "json_object"}},
+        (  # two tokens cannot hold the object: cut by max_tokens, the JSON is not whole
+            {
+                "max_tokens": 2,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"a": {"type": "integer"}},
+                            "required": ["a"],
+                        },
+                    },
+                },
+            },
             openai.UnprocessableEntityError,
             "response_format_not_met",
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -281,12 +282,19 @@ JSON_SCHEMA = {
 }
 
 
-def test_json_answers_are_extracted_and_checked(files):
+def test_json_answers_are_constrained_by_the_runner_and_checked(files):
     chat, gen = make(files, 'Ok: {"name":"Ann","age":3}')
     out = run_create(chat, response_format=JSON_SCHEMA)
     assert out.choices[0].message.content == '{"name": "Ann", "age": 3}'
     prompt = files.tokenizer.decode(gen.calls[0][0])
     assert "JSON schema" in prompt  # the model is told what to produce
+    structured = gen.calls[0][1].structured  # and the runner constrains it to the schema
+    assert structured.kind == "json_schema"
+    assert json.loads(structured.json_schema) == JSON_SCHEMA["json_schema"]["schema"]
+    run_create(chat, response_format={"type": "json_object"})
+    assert gen.calls[1][1].structured.kind == "json_object"
+    run_create(chat)
+    assert gen.calls[2][1].structured is None
 
 
 def test_an_answer_that_fails_the_format_is_a_422(files):
@@ -301,12 +309,13 @@ def test_an_answer_that_fails_the_format_is_a_422(files):
         run_create(chat, response_format={"type": "json_object"})
 
 
-def test_a_schema_we_cannot_check_is_a_400(files):
-    chat, _ = make(files, "{}")
-    schema = {**JSON_SCHEMA["json_schema"], "schema": {"$ref": "#/defs/x"}}
+def test_a_schema_that_is_not_one_is_a_400(files):
+    chat, gen = make(files, "{}")
+    schema = {**JSON_SCHEMA["json_schema"], "schema": {"type": "strng"}}
     with pytest.raises(InvalidRequestError) as info:
         run_create(chat, response_format={"type": "json_schema", "json_schema": schema})
     assert info.value.param == "response_format.json_schema.schema"
+    assert "strng" in info.value.message and not gen.calls  # refused before the runner
 
 
 def test_the_readme_recipe_for_a_step_module_works(files, tmp_path, monkeypatch):
