@@ -589,4 +589,9 @@ def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
             param="response_format",
             code="response_format_not_met",
         )
-    return json.dumps(value, ensure_ascii=False)
+    try:  # the constrained answer as the model wrote it (compact), when it is all JSON
+        if json.loads(text) == value:
+            return text.strip()
+    except ValueError:
+        pass
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
