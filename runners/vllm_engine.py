@@ -320,15 +320,11 @@ class VLLMEngine:
         except EngineDeadError:
             ended = True
             raise EngineClosedError("the vLLM engine died") from None
-        except VLLMClientError as exc:  # its validation: the request's fault
+        except (VLLMClientError, ValueError) as exc:  # its validation: the request's fault
             ended = True
-            raise EngineRequestError(str(exc)) from None
-        except ValueError as exc:  # a schema its structured outputs cannot compile
-            ended = True
-            raise EngineRequestError(
-                f"The request cannot be served as asked: {exc}",
-                param="response_format" if params.structured else None,
-            ) from None
+            # With structured outputs, most likely a schema its grammar engine cannot compile.
+            param = "response_format" if params.structured else None
+            raise EngineRequestError(str(exc), param=param) from None
         finally:
             self._in_flight -= 1
             if not ended:  # the consumer left: vLLM's generator aborted the request
