@@ -658,7 +658,10 @@ class GenerationEngine:
             logprob = None
             if pick.logprob is not None:
                 logprob = TokenLogprob(token_id=pick.token, logprob=pick.logprob, top=pick.top)
-            self._emit(request, pick.token, logprob)
+            # A grammar that ended (on its tokenizer's EOS, when the request named no stop
+            # ids) ends the request as a stop token would.
+            done = request.matcher is not None and request.matcher.done
+            self._emit(request, pick.token, logprob, stop=done)
         self._flush()
 
     def _flush(self) -> None:
@@ -672,10 +675,17 @@ class GenerationEngine:
                     request.cancelled = True
         self._outbox.clear()
 
-    def _emit(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
+    def _emit(
+        self,
+        request: _Request,
+        token: int,
+        logprob: TokenLogprob | None = None,
+        *,
+        stop: bool = False,
+    ) -> None:
         request.produced += 1
         finish: FinishReason | None = None
-        if token in request.stop_ids:
+        if stop or token in request.stop_ids:
             finish = "stop"
         elif (
             request.produced >= request.params.max_new_tokens

@@ -102,7 +102,8 @@ class Grammars:
                 param="response_format",
             ) from None
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
-        return Constraint(matcher, [i for i in self.special_ids if i not in set(stop_ids)])
+        ends = set(matcher.stop_token_ids)  # the request's stop ids, else the tokenizer's EOS
+        return Constraint(matcher, [i for i in self.special_ids if i not in ends])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -117,6 +118,11 @@ class Constraint:
 
     def accept(self, token: int) -> bool:
         return self.matcher.accept_token(token)
+
+    @property
+    def done(self) -> bool:
+        """The answer is complete (a stop token was accepted after the whole value)."""
+        return self.matcher.is_terminated()
 
 
 def mask_logits(logits: torch.Tensor, constraints: dict[int, Constraint]) -> None:

@@ -1,0 +1,124 @@
+"""What structured outputs cost the native engine: grammar compile time, and throughput.
+
+    python -m bench.structured                  # the default model from the BentoML store
+
+1. Compile time of each schema of tests/e2e/test_structured (pydantic models, as the openai
+   SDK sends them): cold (the first time) and cached (the same schema again).
+2. Throughput at ``--clients`` concurrent requests, in process, greedy, ``--tokens`` each:
+   free text against the same requests constrained to a JSON schema with one long string
+   (so both run to the same length and the difference is the masking, not shorter answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+from logic.protocol import SamplingParams, StructuredOutput
+from runners.engine import GenerationEngine
+
+# A string at least this long: constrained answers run to max_tokens as free ones do.
+LONG = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 2000}},
+    "required": ["story"],
+}
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.", "Tell me everything about bread.",
+    "Describe a long journey by train.", "Write a long essay about chess.",
+]  # fmt: skip
+
+
+def compile_times(engine: GenerationEngine) -> list[dict]:
+    from openai.lib._pydantic import to_strict_json_schema
+
+    from tests.e2e.test_structured import CASES
+
+    grammars = engine._get_grammars()
+    started = time.perf_counter()
+    grammars.compile(StructuredOutput(kind="json_object"))  # loads the tokenizer's vocabulary
+    found = [{"schema": "(first use: tokenizer info, json_object)",
+              "cold_ms": 1e3 * (time.perf_counter() - started), "cached_ms": None}]  # fmt: skip
+    for model, _ in CASES:
+        spec = StructuredOutput(
+            kind="json_schema", json_schema=json.dumps(to_strict_json_schema(model))
+        )
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            grammars.compile(spec)
+            times.append(time.perf_counter() - started)
+        found.append(
+            {"schema": model.__name__, "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
+        )
+    return found
+
+
+async def throughput(engine, tokenizer, clients: int, tokens: int, structured: bool) -> dict:
+    spec = (
+        StructuredOutput(kind="json_schema", json_schema=json.dumps(LONG)) if structured else None
+    )
+    requests = []
+    for index in range(clients * 2):
+        prompt = PROMPTS[index % len(PROMPTS)]
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True)  # fmt: skip
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        requests.append(ids)
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, structured=spec)
+    gate, produced = asyncio.Semaphore(clients), 0
+
+    async def one(ids):
+        nonlocal produced
+        async with gate:
+            async for chunk in engine.stream(ids, params):
+                produced += len(chunk.token_ids)
+
+    steps, busy = engine.stats.steps, engine.stats.busy_seconds
+    started = time.perf_counter()
+    await asyncio.gather(*(one(ids) for ids in requests))
+    wall = time.perf_counter() - started
+    steps, busy = engine.stats.steps - steps, engine.stats.busy_seconds - busy
+    return {"output_tokens": produced, "wall_s": wall, "output_tokens_per_s": produced / wall,
+            "step_ms": 1e3 * busy / steps}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model store tag")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args(argv)
+    import bentoml
+    from transformers import AutoTokenizer
+
+    path = bentoml.models.get(args.model).path
+    engine = GenerationEngine.load(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        compiled = compile_times(engine)
+        asyncio.run(throughput(engine, tokenizer, args.clients, 8, False))  # warm-up
+        free = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, False))
+        constrained = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, True))
+    finally:
+        engine.close()
+    print(f"first use (the tokenizer's vocabulary): {compiled[0]['cold_ms']:.0f} ms")
+    cold = [c["cold_ms"] for c in compiled[1:]]
+    cached = [c["cached_ms"] for c in compiled[1:]]
+    print(f"compile, {len(cold)} schemas: cold median {statistics.median(cold):.1f} ms "
+          f"(max {max(cold):.1f}), cached median {statistics.median(cached):.2f} ms")  # fmt: skip
+    for name, run in (("free", free), ("constrained", constrained)):
+        print(f"{name:>12}: {run['output_tokens_per_s']:.1f} tok/s, {run['output_tokens']} "
+              f"tokens, step {run['step_ms']:.1f} ms")  # fmt: skip
+    ratio = constrained["output_tokens_per_s"] / free["output_tokens_per_s"]
+    print(f"constrained / free throughput at {args.clients} concurrent: {ratio:.2f} "
+          f"(cost {100 * (1 - ratio):.0f}%; target <= 15%)")  # fmt: skip
+    print(json.dumps({"compile": compiled, "free": free, "constrained": constrained}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
