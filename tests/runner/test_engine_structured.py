@@ -139,3 +139,12 @@ def test_a_schema_the_grammar_engine_cannot_compile_is_refused_with_its_reason(
     # The engine goes on serving.
     ids, _ = asyncio.run(collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=3)))
     assert len(ids) == 3
+
+
+def test_without_stop_ids_the_grammar_ends_the_answer_at_the_tokenizers_eos(engine, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = StructuredOutput(kind="json_schema", json_schema=json.dumps(SCHEMAS[1]))
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=5, structured=spec)
+    ids, finish = asyncio.run(collect(engine, [1, 60, 61], params))
+    assert finish == "stop" and ids[-1] == tokenizer.eos_token_id
+    jsonschema.validate(json.loads(tokenizer.decode(ids[:-1])), SCHEMAS[1])
