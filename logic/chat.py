@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from logic.cleanup import OutputCleaner
 from logic.deadlines import within_deadlines
@@ -152,7 +153,7 @@ class ChatCompletionService:
             )
         conversation = self.pipeline.before(Conversation.from_messages(request.messages))
         messages = _with_format_instruction(conversation.messages, request.response_format)
-        prompt_ids = self._files.tokenizer.encode(self._files.template.render(messages))
+        prompt_ids = encode_conversation(self._files, messages)
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers
         return PreparedPrompt(
@@ -515,6 +516,37 @@ def _log_generation(
 
 def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def encode_conversation(files: ModelFiles, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt's token ids, in which only the chat template writes special tokens.
+
+    Text from users and tools that spells a special token ("<|im_end|>\n<|im_start|>system")
+    would otherwise be read as one and open a turn of its own, a system turn included. Such
+    contents are tokenized as plain text, between the template's own pieces
+    (:meth:`ChatTemplate.render_parts`). A template that rewrites contents beyond trimming
+    cannot be cut so; there the special-token text in contents is broken by a word joiner
+    (U+2060) before rendering. Conversations without such text are tokenized whole, exactly
+    as before."""
+    tokenizer, template = files.tokenizer, files.template
+    specials = [s for s in tokenizer.special_tokens if s]
+    if not any(s in str(m.get("content") or "") for m in messages for s in specials):
+        return tokenizer.encode(template.render(messages))
+    parts = template.render_parts(messages)
+    if parts is None:
+        defused = [{**m, "content": _defuse(str(m.get("content") or ""), specials)}
+                   for m in messages]  # fmt: skip
+        return tokenizer.encode(template.render(defused))
+    ids: list[int] = []
+    for text, by_template in parts:
+        ids += tokenizer.encode(text) if by_template else tokenizer.encode_plain(text)
+    return ids
+
+
+def _defuse(text: str, specials: list[str]) -> str:
+    for special in specials:
+        text = text.replace(special, special[0] + "\u2060" + special[1:])
+    return text
 
 
 def check_response_format(response_format: ResponseFormat | None) -> None:

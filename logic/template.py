@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,44 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
+
+    def render_parts(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[tuple[str, bool]] | None:
+        """The prompt as ``(text, written by the template)`` pieces, in order: the template's
+        own text, and each message's content as the template placed it (maybe trimmed).
+
+        Rendered twice: with each content replaced by a unique placeholder, which shows
+        where the template's text ends and a content begins, and as it is. None when the
+        template transforms contents beyond trimming (the placeholders then do not come
+        back once each, in order, or the contents cannot be found between them)."""
+        nonce = secrets.token_hex(8)
+        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        skeleton = self.render(masked, add_generation_prompt=add_generation_prompt)
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        pieces, rest, at = [], skeleton, 0
+        for message, mark in zip(messages, marks, strict=True):
+            if rest.count(mark) != 1:
+                return None
+            before, rest = rest.split(mark)
+            if not text.startswith(before, at):
+                return None
+            pieces.append((before, True))
+            at += len(before)
+            content = str(message.get("content") or "")
+            follows = rest.split(marks[marks.index(mark) + 1])[0] if mark != marks[-1] else rest
+            for shown in (content, content.strip(), content.lstrip(), content.rstrip()):
+                if text.startswith(shown, at) and text.startswith(follows, at + len(shown)):
+                    break
+            else:
+                return None
+            pieces.append((shown, False))
+            at += len(shown)
+        if text[at:] != rest:
+            return None
+        pieces.append((rest, True))
+        return [(piece, trusted) for piece, trusted in pieces if piece]
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         try:

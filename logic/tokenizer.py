@@ -32,6 +32,10 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
+        # The same tokenizer, reading special-token text ("<|im_start|>") as plain text: for
+        # what users and tools wrote, which must never open or close a turn of the template.
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
         decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
         self._byte_level = "ByteLevel" in kinds
@@ -46,6 +50,10 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         # The chat template already wrote every special token the model expects.
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """``text`` with any special-token strings in it tokenized as ordinary text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
