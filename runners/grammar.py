@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import re
 import threading
 from pathlib import Path
@@ -28,8 +27,6 @@ import xgrammar as xgr
 
 from logic.protocol import StructuredOutput
 from runners.engine_errors import EngineRequestError
-
-logger = logging.getLogger(__name__)
 
 # How long a schema may take to compile before the request is refused; xgrammar compiles
 # ordinary schemas in milliseconds, pathological ones (deep nesting, huge enums) take longer.
