@@ -273,15 +273,14 @@ class GenerationEngine:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **placed)
             model.to(dev).eval()
             context = int(getattr(model.config, "max_position_embeddings", 2048))
+            per_token = kv_bytes_per_token(model.config, model.dtype)
+            useful = kv_bytes_useful(per_token, batch, context)
             return build_batch_model(
                 model,
                 backend=backend,
                 max_slots=batch,
                 context_length=context,
-                kv_budget_bytes=kv_budget_bytes(
-                    dev, kv_cache_gib, kv_cache_fraction,
-                    kv_bytes_useful(kv_bytes_per_token(model.config, model.dtype), batch, context),
-                ),  # fmt: skip
+                kv_budget_bytes=kv_budget_bytes(dev, kv_cache_gib, kv_cache_fraction, useful),
                 block_size=kv_block_size,
                 packed_weights=packed_weights,
             )
