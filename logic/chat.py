@@ -31,7 +31,7 @@ from logic.errors import (
 )
 from logic.json_output import (
     JSONExtractionError,
-    extract_json,
+    json_answer,
     schema_errors,
     validation_errors,
 )
@@ -599,7 +599,7 @@ def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
     if response_format is None or response_format.type == "text":
         return text
     try:
-        value = extract_json(text)
+        value, as_written = json_answer(text)
     except JSONExtractionError as exc:
         raise UnprocessableError(
             f"The answer is not complete JSON ({exc}); it was most likely cut by max_tokens. "
@@ -621,9 +621,6 @@ def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
             param="response_format",
             code="response_format_not_met",
         )
-    try:  # the constrained answer as the model wrote it (compact), when it is all JSON
-        if json.loads(text) == value:
-            return text.strip()
-    except ValueError:
-        pass
+    if as_written is not None:  # the constrained answer as the model wrote it (compact)
+        return as_written
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

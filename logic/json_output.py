@@ -43,16 +43,23 @@ def extract_json(text: str) -> Any:
     first :data:`MAX_EMBEDDED_ATTEMPTS`). NaN and Infinity are not JSON here. Raises
     :class:`JSONExtractionError` when none parses.
     """
-    value = _loads(text.strip())
+    return json_answer(text)[0]
+
+
+def json_answer(text: str) -> tuple[Any, str | None]:
+    """:func:`extract_json`'s value, and the answer's own text of it when the whole answer
+    (stripped) is that value, else None (it was found in a fence or in prose)."""
+    whole = text.strip()
+    value = _loads(whole)
     if value is not _NOTHING:
-        return value
+        return value, whole
     for block in _fenced_blocks(text):
         value = _loads(block.strip())
         if value is not _NOTHING:
-            return value
+            return value, None
     value = _first_embedded(text)
     if value is not _NOTHING:
-        return value
+        return value, None
     raise JSONExtractionError("The answer holds no valid JSON value.")
 
 
