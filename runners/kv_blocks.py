@@ -49,6 +49,7 @@ class Allocation:
     blocks: list[int] = field(default_factory=list)
     owed: int = 0  # blocks reserved for this sequence and not taken yet
     hashes: list[bytes] = field(default_factory=list)  # of its full, computed blocks
+    prompt_hashes: list[bytes] = field(default_factory=list)  # known at admission
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
 
@@ -142,6 +143,7 @@ class BlockPool:
             blocks=list(hits),
             owed=owed,
             hashes=list(hashes[: len(hits)]),
+            prompt_hashes=hashes,
             cached_tokens=len(hits) * self.block_size,
         )
 
@@ -161,9 +163,12 @@ class BlockPool:
         full = min(length, len(token_ids)) // self.block_size
         if full <= len(alloc.hashes):
             return
-        parent = alloc.hashes[-1] if alloc.hashes else b""
-        new = chain_hashes(token_ids[: full * self.block_size], self.block_size, parent,
-                           start=len(alloc.hashes))  # fmt: skip
+        done = len(alloc.hashes)
+        new = alloc.prompt_hashes[done:full]  # hashed at admission: not again
+        if done + len(new) < full:  # blocks past the prompt's (generated tokens)
+            parent = new[-1] if new else (alloc.hashes[-1] if alloc.hashes else b"")
+            new = new + chain_hashes(token_ids[: full * self.block_size], self.block_size,
+                                     parent, start=done + len(new))  # fmt: skip
         for index, digest in enumerate(new, start=len(alloc.hashes)):
             block = alloc.blocks[index]
             if digest not in self._cached and self._hash_of[block] is None:

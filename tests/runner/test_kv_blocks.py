@@ -83,3 +83,16 @@ def test_without_prefix_caching_nothing_is_kept():
     pool.release(alloc)
     assert pool.cached_blocks == 0 and admit(pool, prompt, 8).cached_tokens == 0
     assert pool.stats.queries == 0
+
+
+def test_blocks_of_generated_tokens_chain_on_from_the_prompts():
+    """The next turn of a conversation (prompt + answer + more) finds the answer's blocks."""
+    pool = BlockPool(33, BS)
+    prompt, answer = list(range(100, 106)), [7, 8, 9, 10, 11, 12]  # 1.5 blocks, then 1.5
+    alloc = admit(pool, prompt, 16)
+    pool.grow(alloc, 12)
+    pool.commit(alloc, prompt + answer, 12)  # 3 full blocks: 1 of prompt, 2 past it
+    assert alloc.hashes == chain_hashes(prompt + answer, BS)  # the chain, as if hashed whole
+    pool.release(alloc)
+    turn = admit(pool, prompt + answer + [1, 2], 20)
+    assert turn.cached_tokens == 12 and len(turn.blocks) == 3
