@@ -579,9 +579,10 @@ class GenerationEngine:
                 chain_hashes(request.prompt_ids, pool.block_size) if pool.prefix_caching else []
             )
         hashes = request.block_hashes
-        found = len(pool.lookup(hashes))
-        if found < len(hashes) and hashes[found] in computing:
-            return False
+        if computing:  # (the lookup is admit's own otherwise)
+            found = len(pool.lookup(hashes))
+            if found < len(hashes) and hashes[found] in computing:
+                return False
         alloc = pool.admit(request.prompt_ids, request.max_length, hashes)
         if alloc is None:
             return False
