@@ -45,12 +45,15 @@ from logic.protocol import (
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceFinishReason,
     ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -69,6 +72,20 @@ from logic.protocol import (
 from logic.settings import Settings
 from logic.stops import StopStringMatcher
 from logic.tokenizer import IncrementalDetokenizer
+from logic.tools import (
+    ArgumentsDelta,
+    CallStart,
+    ContentDelta,
+    Event,
+    ToolCallParser,
+    ToolPlan,
+    history,
+    plan_tools,
+    template_tools,
+    tool_calls,
+)
+from logic.tools import instruction as tool_instruction
+from logic.tools import structured_output as tool_structured_output
 
 logger = logging.getLogger(__name__)
 TokenGenerator = Callable[[list[int], SamplingParams], AsyncIterator[GenerationChunk]]
@@ -83,6 +100,7 @@ class PreparedPrompt:
     stop_strings: list[str]
     n: int = 1
     response_format: ResponseFormat | None = None
+    tools: ToolPlan | None = None  # the answer may hold tool calls
 
     def params_for(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives each choice its own seed."""
@@ -151,19 +169,29 @@ class ChatCompletionService:
                 param="top_logprobs",
                 code="invalid_value",
             )
-        conversation = self.pipeline.before(Conversation.from_messages(request.messages))
+        native = self._files.template.takes_tools
+        plan = plan_tools(request, native=native)
+        conversation = self.pipeline.before(
+            Conversation.from_messages(history(request.messages, native=native))
+        )
         messages = _with_format_instruction(conversation.messages, request.response_format)
-        prompt_ids = encode_conversation(self._files, messages)
+        if plan is not None and not plan.native:
+            messages = _with_instruction(messages, tool_instruction(plan))
+        prompt_ids = encode_conversation(
+            self._files, messages, tools=template_tools(plan) if plan and plan.native else None
+        )
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers
+        structured = (
+            tool_structured_output(plan) if plan else structured_output(request.response_format)
+        )
         return PreparedPrompt(
             prompt_ids=prompt_ids,
-            params=self._sampling_params(
-                request, len(prompt_ids), structured_output(request.response_format)
-            ),
+            params=self._sampling_params(request, len(prompt_ids), structured),
             stop_strings=stops,
             n=request.n,
             response_format=request.response_format,
+            tools=plan,
         )
 
     def _check(self, request: GenerationRequest) -> None:
@@ -331,24 +359,40 @@ class ChatCompletionService:
         """A whole answer (``n`` of them)."""
         prepared = self.prepare(request)
         choices = await self._collect(prepared)
+        answers = [self._answer(prepared, c) for c in choices]
         return ChatCompletionResponse(
             model=self.model_name,
             system_fingerprint=self._fingerprint,
             choices=[
                 ChatCompletionChoice(
                     index=c.index,
-                    message=AssistantMessage(
-                        content=_enforce_format(
-                            prepared.response_format, self.pipeline.after("".join(c.text))
-                        )
-                    ),
-                    finish_reason=c.finish_reason,
+                    message=message,
+                    finish_reason=finish,
                     logprobs=ChoiceLogprobs(content=c.logprobs) if request.logprobs else None,
                 )
-                for c in choices
+                for c, (message, finish) in zip(choices, answers, strict=True)
             ],
             usage=_usage(len(prepared.prompt_ids), choices),
         )
+
+    def _answer(
+        self, prepared: PreparedPrompt, choice: _Choice
+    ) -> tuple[AssistantMessage, ChoiceFinishReason]:
+        """A whole choice as the assistant's message: its text (after the post-steps, in the
+        format asked for), or its content and tool calls."""
+        text = "".join(choice.text)
+        if prepared.tools is None:
+            content = _enforce_format(prepared.response_format, self.pipeline.after(text))
+            return AssistantMessage(content=content), choice.finish_reason or "stop"
+        parser = ToolCallParser(prepared.tools)
+        events = parser.push(text) + parser.close()
+        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        calls = tool_calls(parser)
+        message = AssistantMessage(
+            content=self.pipeline.after(content) if content or not calls else None,
+            tool_calls=calls,
+        )
+        return message, _finish(choice, calls is not None)
 
     def create_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Validates now (so bad input fails before any byte is sent), then streams chunks."""
@@ -363,7 +407,7 @@ class ChatCompletionService:
         def chunk(
             index: int,
             delta: DeltaMessage,
-            finish: FinishReason | None = None,
+            finish: ChoiceFinishReason | None = None,
             entries: list[TokenLogprobEntry] | None = None,
         ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
@@ -382,13 +426,20 @@ class ChatCompletionService:
             )
 
         started: set[int] = set()
+        parsers = {c.index: ToolCallParser(prepared.tools) for c in choices if prepared.tools}
         # aclosing: a client that leaves closes this stream, and with it the runner's.
         async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
             async for choice, text, entries in pieces:
+                parser = parsers.get(choice.index)
                 if text is None:
-                    # A format the answer fails ends the stream with a 422-shaped error event.
+                    # A format the answer fails, or a tool call cut short, ends the stream
+                    # with a 422-shaped error event.
                     _enforce_format(prepared.response_format, "".join(choice.text))
-                    yield chunk(choice.index, DeltaMessage(), choice.finish_reason)
+                    if parser is not None:
+                        for event in parser.close():
+                            yield chunk(choice.index, _delta(event))
+                    finish = _finish(choice, bool(parser and parser.calls))
+                    yield chunk(choice.index, DeltaMessage(), finish)
                     continue
                 choice.text.append(text)
                 # A choice's role chunk waits for its first token, so a runner that cannot
@@ -396,7 +447,13 @@ class ChatCompletionService:
                 if choice.index not in started:
                     started.add(choice.index)
                     yield chunk(choice.index, DeltaMessage(role="assistant", content=""))
-                if text or (logprobs and entries):
+                if parser is not None:
+                    deltas = [_delta(event) for event in parser.push(text)]
+                    if logprobs and entries and not deltas:
+                        deltas = [DeltaMessage(content="")]
+                    for i, delta in enumerate(deltas):  # logprobs go with the first
+                        yield chunk(choice.index, delta, None, entries if i == 0 else None)
+                elif text or (logprobs and entries):
                     yield chunk(choice.index, DeltaMessage(content=text), None, entries)
         if include_usage:
             yield ChatCompletionChunk(
@@ -514,11 +571,38 @@ def _log_generation(
     logger.info("generation %s", outcome, extra={"fields": fields})
 
 
+def _finish(choice: _Choice, called: bool) -> ChoiceFinishReason:
+    """``tool_calls`` when an answer that ended by itself holds calls (OpenAI's reason)."""
+    if called and choice.finish_reason == "stop":
+        return "tool_calls"
+    return choice.finish_reason or "stop"
+
+
+def _delta(event: Event) -> DeltaMessage:
+    """A streamed piece of an answer with tools, as OpenAI sends it: a call's index, id,
+    type and name first (arguments ""), then its arguments' text in pieces."""
+    if isinstance(event, ContentDelta):
+        return DeltaMessage(content=event.text)
+    if isinstance(event, CallStart):
+        call = DeltaToolCall(
+            index=event.index,
+            id=event.id,
+            type="function",
+            function=DeltaFunctionCall(name=event.name, arguments=""),
+        )
+    else:
+        assert isinstance(event, ArgumentsDelta)
+        call = DeltaToolCall(index=event.index, function=DeltaFunctionCall(arguments=event.text))
+    return DeltaMessage(tool_calls=[call])
+
+
 def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
-def encode_conversation(files: ModelFiles, messages: list[dict[str, Any]]) -> list[int]:
+def encode_conversation(
+    files: ModelFiles, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """The prompt's token ids, in which only the chat template writes special tokens.
 
     Text from users and tools that spells a special token ("<|im_end|>\n<|im_start|>system")
@@ -527,26 +611,38 @@ def encode_conversation(files: ModelFiles, messages: list[dict[str, Any]]) -> li
     (:meth:`ChatTemplate.render_parts`). A template that rewrites contents beyond trimming
     cannot be cut so; there the special-token text in contents is broken by a word joiner
     (U+2060) before rendering. Conversations without such text are tokenized whole, exactly
-    as before."""
+    as before. Earlier tool calls (``tool_calls``, for a template that takes tools) and the
+    tools' own descriptions are text from clients too: theirs is broken the same way."""
     tokenizer, template = files.tokenizer, files.template
     specials = [s for s in tokenizer.special_tokens if s]
+    if tools is not None or any("tool_calls" in m for m in messages):
+        messages = [{k: v if k in ("role", "content") else _defuse(v, specials)
+                     for k, v in m.items()} for m in messages]  # fmt: skip
+        tools = _defuse(tools, specials)
     if not any(s in str(m.get("content") or "") for m in messages for s in specials):
-        return tokenizer.encode(template.render(messages))
-    parts = template.render_parts(messages)
+        return tokenizer.encode(template.render(messages, tools=tools))
+    parts = template.render_parts(messages, tools=tools)
     if parts is None:
         defused = [{**m, "content": _defuse(str(m.get("content") or ""), specials)}
                    for m in messages]  # fmt: skip
-        return tokenizer.encode(template.render(defused))
+        return tokenizer.encode(template.render(defused, tools=tools))
     ids: list[int] = []
     for text, by_template in parts:
         ids += tokenizer.encode(text) if by_template else tokenizer.encode_plain(text)
     return ids
 
 
-def _defuse(text: str, specials: list[str]) -> str:
+def _defuse(value: Any, specials: list[str]) -> Any:
+    """``value`` (text, or JSON-like data holding text) with special-token text broken."""
+    if isinstance(value, list):
+        return [_defuse(item, specials) for item in value]
+    if isinstance(value, dict):
+        return {_defuse(k, specials): _defuse(v, specials) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
     for special in specials:
-        text = text.replace(special, special[0] + "\u2060" + special[1:])
-    return text
+        value = value.replace(special, special[0] + "\u2060" + special[1:])
+    return value
 
 
 def check_response_format(response_format: ResponseFormat | None) -> None:
@@ -586,6 +682,11 @@ def _with_format_instruction(
     if response_format.type == "json_schema":
         schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))
         instruction += f" It must match this JSON schema: {schema}"
+    return _with_instruction(messages, instruction)
+
+
+def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    """``instruction`` at the end of the system message (one is added when there is none)."""
     if messages and messages[0]["role"] == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
         return [first, *messages[1:]]

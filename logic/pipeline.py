@@ -60,10 +60,10 @@ class Conversation:
 def _plain_message(message: Any) -> dict[str, str]:
     if not isinstance(message, dict):
         return {"role": message.role, "content": message.text}
-    content = message["content"]
+    content = message.get("content") or ""
     if not isinstance(content, str):
         content = "".join(part["text"] for part in content)
-    return {"role": message["role"], "content": content}
+    return {**message, "content": content}  # other keys (a template's tool_calls) kept
 
 
 PreStep = Callable[[Conversation], Conversation]
@@ -191,7 +191,7 @@ def input_limits(settings: Any) -> PreStep:
 
 
 PII_NOTE = "pii"
-REDACTED_ROLES = frozenset({"system", "developer", "user"})
+REDACTED_ROLES = frozenset({"system", "developer", "user", "tool"})
 
 
 def redact_conversation(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 # ---------------------------------------------------------------- token-level contract
@@ -30,10 +31,20 @@ class StructuredOutput(BaseModel):
     ``json_object``: any JSON object. ``json_schema``: a JSON value matching ``json_schema``
     (the schema as JSON text, so runners compile and cache it by its exact text). Answers are
     compact JSON: no free runs of whitespace for a small model to wander in.
+
+    ``structural_tag``: text shaped by ``structural_tag``, an xgrammar structural tag as JSON
+    text (``{"type": "structural_tag", "format": ...}``), the form both xgrammar and vLLM
+    take: e.g. free text until ``<tool_call>``, then JSON matching a schema (tool calls).
     """
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "structural_tag"]
     json_schema: str | None = None
+    structural_tag: str | None = None
+
+    @property
+    def param(self) -> str:
+        """The request parameter it comes from, for errors about it."""
+        return "tools" if self.kind == "structural_tag" else "response_format"
 
 
 class SamplingParams(BaseModel):
@@ -88,14 +99,84 @@ class TextContentPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
+    """A call's function: its name, and its arguments as JSON text (OpenAI's shape)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # calls always match ``parameters`` here: decoding is constrained
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+MAX_TOOLS = 128  # OpenAI's bound
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation. Assistant messages may carry the ``tool_calls`` they
+    made (their content then may be null); ``tool`` messages answer one by ``tool_call_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if (self.tool_call_id is None) != (self.role != "tool"):
+            raise ValueError("'tool_call_id' is required on tool messages, and only there")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("'content' is required unless the message has 'tool_calls'")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -193,6 +274,9 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolDefinition], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -251,7 +335,11 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+ChoiceFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TopLogprob(BaseModel):
@@ -274,7 +362,7 @@ class ChoiceLogprobs(BaseModel):
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: FinishReason
+    finish_reason: ChoiceFinishReason
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -288,19 +376,35 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: ``index``, ``id``, ``type`` and the name come first,
+    then pieces of the arguments' JSON text (under the same ``index``)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: FinishReason | None = None
+    finish_reason: ChoiceFinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
 
     @field_serializer("delta")
-    def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, str]:
+    def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, Any]:
         # OpenAI sends only the fields a delta changes: {"content": "..."}, not "role": null.
         return delta.model_dump(exclude_none=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import datetime
 from typing import Any
@@ -46,9 +47,16 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
+        # Templates that take tools read a ``tools`` variable (and render ``tool_calls`` and
+        # ``tool`` messages); the others are given a tool prompt instead (logic.tools).
+        self.takes_tools = re.search(r"\btools\b", source) is not None
 
     def render_parts(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[tuple[str, bool]] | None:
         """The prompt as ``(text, written by the template)`` pieces, in order: the template's
         own text, and each message's content as the template placed it (maybe trimmed).
@@ -60,8 +68,8 @@ class ChatTemplate:
         nonce = secrets.token_hex(8)
         marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
         masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-        skeleton = self.render(masked, add_generation_prompt=add_generation_prompt)
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        skeleton = self.render(masked, add_generation_prompt=add_generation_prompt, tools=tools)
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         pieces, rest, at = [], skeleton, 0
         for message, mark in zip(messages, marks, strict=True):
             if rest.count(mark) != 1:
@@ -85,12 +93,20 @@ class ChatTemplate:
         pieces.append((rest, True))
         return [(piece, trusted) for piece, trusted in pieces if piece]
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 **self._special,
+                **extra,
             )
         except TemplateError as exc:
             # Templates refuse conversations they cannot express (e.g. roles out of order).

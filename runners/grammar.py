@@ -73,7 +73,9 @@ class Grammars:
             return self._compiler
 
     def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
-        """The grammar for ``spec`` (blocking; cached by the schema's text)."""
+        """The grammar for ``spec`` (blocking; cached by the schema's or the tag's text)."""
+        if spec.kind == "structural_tag":
+            return self._get_compiler().compile_structural_tag(spec.structural_tag or "")
         schema = spec.json_schema if spec.kind == "json_schema" and spec.json_schema else None
         return self._get_compiler().compile_json_schema(
             schema or _ANY_OBJECT, any_whitespace=False, separators=(",", ":"), strict_mode=True
@@ -83,20 +85,21 @@ class Grammars:
         """A matcher for one request; :class:`EngineRequestError` (a 400) when the schema
         cannot be compiled, or not within the time limit."""
         loop = asyncio.get_running_loop()
+        what = "tools' schemas" if spec.kind == "structural_tag" else "JSON schema"
         try:
             compiled = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, self.compile, spec), self._timeout
             )
         except asyncio.TimeoutError:
             raise EngineRequestError(
-                f"The JSON schema did not compile within {self._timeout:g} s; simplify it.",
-                param="response_format",
+                f"The {what} did not compile within {self._timeout:g} s; simplify it.",
+                param=spec.param,
             ) from None
         except (RuntimeError, ValueError, TypeError) as exc:
             reason = _SOURCE_PREFIX.sub("", str(exc)).strip()  # "[time] file.cc:94: ..."
             raise EngineRequestError(
-                f"The JSON schema cannot be used for constrained decoding: {reason}",
-                param="response_format",
+                f"The {what} cannot be used for constrained decoding: {reason}",
+                param=spec.param,
             ) from None
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
         ends = set(matcher.stop_token_ids)  # the request's stop ids, else the tokenizer's EOS

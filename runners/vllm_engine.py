@@ -100,11 +100,14 @@ def to_vllm(params: SamplingParams, *, room: int) -> VLLMSamplingParams:
     * Temperatures below ``GREEDY_BELOW`` are greedy on both engines; penalties count the
       generated tokens only, on both; logprobs are taken after penalties and temperature.
     * Structured outputs go to vLLM's own (xgrammar, as ours): compact JSON, no properties
-      the schema does not name, as on the native engine.
+      the schema does not name, as on the native engine; tool calls as the structural tag
+      the API built (the same xgrammar format on both engines).
     """
     greedy = params.temperature < GREEDY_BELOW
     structured = None
-    if params.structured is not None:
+    if params.structured is not None and params.structured.kind == "structural_tag":
+        structured = StructuredOutputsParams(structural_tag=params.structured.structural_tag)
+    elif params.structured is not None:
         schema = params.structured.json_schema if params.structured.kind == "json_schema" else None
         structured = StructuredOutputsParams(
             json=json.loads(schema) if schema else {"type": "object"},
@@ -323,7 +326,7 @@ class VLLMEngine:
         except (VLLMClientError, ValueError) as exc:  # its validation: the request's fault
             ended = True
             # With structured outputs, most likely a schema its grammar engine cannot compile.
-            param = "response_format" if params.structured else None
+            param = params.structured.param if params.structured else None
             raise EngineRequestError(str(exc), param=param) from None
         finally:
             self._in_flight -= 1

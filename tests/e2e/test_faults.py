@@ -104,11 +104,18 @@ def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
     # (the API's page carries the runner's gauges). On a busy machine it can reach the runner
     # after the streams' first tokens; sent after a kill, it would wait in the socket that
     # `bentoml serve` keeps open for the next runner, not be one of the requests in flight.
-    deadline = time.monotonic() + 30
-    while _held_by_runner(url) < streams + 1:
-        assert time.monotonic() < deadline, "the runner never held all the requests"
+    deadline = time.monotonic() + 90
+    while (held := _held_by_runner(url)) < streams + 1:
+        ended = [o for o in (*outcomes, whole) if o.ended_at is not None]
+        assert not ended, f"a request ended before the kill: {[_seen(o) for o in ended]}"
+        assert time.monotonic() < deadline, f"the runner held {held} of {streams + 1} requests"
         time.sleep(0.05)
     return threads, outcomes, whole
+
+
+def _seen(outcome: Outcome) -> str:
+    last = outcome.events[-1][1][:300] if outcome.events else None
+    return f"status {outcome.status}, error {outcome.error}, last {last!r}"
 
 
 def _held_by_runner(url: str) -> float:

@@ -270,7 +270,7 @@ def test_bentoml_clients_use_the_native_api(server):
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
-        ({"extra_body": {"tools": []}}, 400, "unsupported_parameter"),
+        ({"extra_body": {"functions": []}}, 400, "unsupported_parameter"),
         ({"model": "gpt-4o"}, 404, "model_not_found"),
         ({"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, "request_too_large"),
         ({"logprobs": False, "top_logprobs": 3}, 400, "invalid_value"),

@@ -35,7 +35,7 @@ def call(app, key: str = "unused", **kwargs):
     ("kwargs", "error", "code"),
     [
         ({"temperature": 3}, openai.BadRequestError, "invalid_value"),
-        ({"extra_body": {"tools": []}}, openai.BadRequestError, "unsupported_parameter"),
+        ({"extra_body": {"functions": []}}, openai.BadRequestError, "unsupported_parameter"),
         ({"model": "gpt-4o"}, openai.NotFoundError, "model_not_found"),
         (  # two tokens cannot hold the object: cut by max_tokens, the JSON is not whole
             {

@@ -22,8 +22,16 @@ def error_for(body: dict):
     [
         ({}, "messages", "missing_required_parameter"),
         ({"messages": []}, "messages", "invalid_value"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
-        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        # A tool message names the call it answers; only assistant messages may go without
+        # content (when they carry tool calls).
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", "invalid_value"),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "invalid_value"),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            "messages[0].tool_calls",
+            "invalid_value",
+        ),
         ({"messages": USER, "max_tokens": 0}, "max_tokens", "invalid_value"),
         ({"messages": USER, "max_completion_tokens": -5}, "max_completion_tokens", "invalid_value"),
         ({"messages": USER, "temperature": -0.1}, "temperature", "invalid_value"),
