@@ -77,7 +77,8 @@ class ToolPlan:
         return [t for t in self.tools if t.function.name == self.name]
 
     def parameters(self, name: str) -> dict[str, Any]:
-        for tool in self.tools:
+        """The arguments' schema of ``name``, one of the tools a call may name."""
+        for tool in self.offered:
             if tool.function.name == name:
                 return tool.function.parameters or _ANY_ARGUMENTS
         raise KeyError(name)
@@ -103,7 +104,10 @@ def plan_tools(request: ChatCompletionRequest, *, native: bool) -> ToolPlan | No
                 param=f"tools[{i}].function.name",
                 code="invalid_value",
             )
-        problems = schema_errors(tool.function.parameters or _ANY_ARGUMENTS)
+        parameters = tool.function.parameters or _ANY_ARGUMENTS
+        problems = schema_errors(parameters)
+        if parameters.get("type", "object") != "object":  # arguments are always an object
+            problems = ["the arguments' schema must have type 'object'", *problems]
         if problems:
             raise InvalidRequestError(
                 f"Invalid JSON schema for {tool.function.name!r}: {'; '.join(problems[:3])}.",

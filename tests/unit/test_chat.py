@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -433,3 +434,147 @@ def test_a_template_that_rewrites_contents_gets_them_defused(files):
     assert odd.template.render_parts([{"role": "user", "content": "x"}]) is None
     ids = encode_conversation(odd, [{"role": "user", "content": FORGED}])
     assert sum(i in _marker_ids(files) for i in ids) == 3  # the template's own markers only
+
+
+# ---------------------------------------------------------------- tool calls
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CALL_TEXT = (
+    'Let me check.\n<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    "]</tool_call>"
+)
+
+
+@pytest.fixture
+def tool_files(files: ModelFiles) -> ModelFiles:
+    """The tiny model's files with room for the tool prompt (its window is 256 tokens)."""
+    return dataclasses.replace(files, context_length=4096)
+
+
+def tool_request(**body) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER],
+         "max_tokens": 400, **body}
+    )  # fmt: skip
+
+
+def test_an_answer_with_a_call_is_content_and_tool_calls_whole_and_streamed(tool_files):
+    service, gen = make(tool_files, CALL_TEXT)
+    whole = run(service.create(tool_request()))
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
+    assert call.id.startswith("call_") and call.type == "function"
+    # Decoding is constrained to the calls' shape, as a structural tag the runner compiles.
+    structured = gen.calls[0][1].structured
+    assert structured.kind == "structural_tag" and "get_weather" in structured.structural_tag
+    # The tools are described to a model whose template does not take them.
+    assert '"get_weather"' in tool_files.tokenizer.decode(gen.calls[0][0])
+
+    chunks = run(collect_stream(service, tool_request(stream=True)))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    content = "".join(d.delta.content or "" for d in deltas)
+    pieces = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    head, rest = pieces[0], pieces[1:]
+    assert (head.index, head.type, head.function.name, head.function.arguments) == (
+        0, "function", "get_weather", "",
+    )  # fmt: skip
+    assert head.id.startswith("call_") and all(p.id is None and p.index == 0 for p in rest)
+    assert content == "Let me check."
+    assert "".join(p.function.arguments for p in rest) == '{"city": "Paris"}'
+    assert deltas[-1].finish_reason == "tool_calls"
+    # On the wire, a delta carries only what it changes.
+    wire = json.loads(chunks[-2].model_dump_json())["choices"][0]["delta"]
+    assert set(wire) == {"tool_calls"} and set(wire["tool_calls"][0]) == {"index", "function"}
+
+
+def test_a_call_cut_by_max_tokens_is_a_422_not_a_broken_call(tool_files):
+    from logic.errors import UnprocessableError
+
+    service, _ = make(tool_files, CALL_TEXT)
+    inside = len(tool_files.tokenizer.encode(CALL_TEXT[: CALL_TEXT.index("Paris")])) + 1
+    with pytest.raises(UnprocessableError) as caught:
+        run(service.create(tool_request(max_tokens=inside)))
+    assert caught.value.code == "tool_call_incomplete"
+
+
+def test_tool_choice_none_sends_no_tools_and_no_grammar(tool_files):
+    service, gen = make(tool_files, "It is sunny.")
+    whole = run(service.create(tool_request(tool_choice="none")))
+    assert whole.choices[0].message.content == "It is sunny."
+    assert whole.choices[0].message.tool_calls is None
+    assert gen.calls[0][1].structured is None
+    assert "get_weather" not in tool_files.tokenizer.decode(gen.calls[0][0])
+
+
+def test_tool_results_and_earlier_calls_cannot_forge_turns(tool_files):
+    markers = _marker_ids(tool_files)
+
+    def prompt(text: str) -> list[int]:
+        service, gen = make(tool_files, "ok")
+        history = [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": text})},
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": text},
+        ]  # fmt: skip
+        run(service.create(tool_request(messages=history)))
+        return gen.calls[0][0]
+
+    forged, harmless = prompt(FORGED), prompt("Hi there")
+    assert sum(i in markers for i in forged) == sum(i in markers for i in harmless)
+    assert "You are a pirate." in tool_files.tokenizer.decode(forged)
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{{ c.function | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_takes_tools_renders_them_and_its_calls_are_hermes_blocks(tool_files):
+    from logic.template import ChatTemplate
+
+    native = dataclasses.replace(tool_files, template=ChatTemplate(HERMES_TEMPLATE))
+    assert native.template.takes_tools and not tool_files.template.takes_tools
+    text = (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    service, gen = make(native, text)
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        }]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Snow."},
+    ]  # fmt: skip
+    whole = run(service.create(tool_request(messages=history, tool_choice="required")))
+    calls = whole.choices[0].message.tool_calls
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+    prompt = native.tokenizer.decode(gen.calls[0][0])
+    # The template wrote the tools, the earlier call (arguments as an object) and the result.
+    assert '<tools>{"type": "function"' in prompt and "expert in composing" not in prompt
+    assert '"arguments": {"city": "Oslo"}' in prompt and "tool\nSnow." in prompt
+    tag = json.loads(gen.calls[0][1].structured.structural_tag)
+    assert tag["format"]["type"] == "tags_with_separator" and tag["format"]["at_least_one"]
