@@ -54,6 +54,26 @@ def compile_times(engine: GenerationEngine) -> list[dict]:
         found.append(
             {"schema": model.__name__, "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
         )
+    # Tool calls: the structural tag for the three tools of tests/e2e/test_tools, per mode.
+    from logic.protocol import ChatCompletionRequest
+    from logic.tools import plan_tools
+    from logic.tools import structured_output as tool_spec
+    from tests.e2e.test_tools import TOOLS
+
+    for choice in ("auto", "required"):
+        request = ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+             "tool_choice": choice}
+        )  # fmt: skip
+        spec = tool_spec(plan_tools(request, native=False))
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            grammars.compile(spec)
+            times.append(time.perf_counter() - started)
+        found.append(
+            {"schema": f"tools ({choice})", "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
+        )
     return found
 
 
@@ -106,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     print(f"first use (the tokenizer's vocabulary): {compiled[0]['cold_ms']:.0f} ms")
-    cold = [c["cold_ms"] for c in compiled[1:]]
-    cached = [c["cached_ms"] for c in compiled[1:]]
+    schemas = [c for c in compiled[1:] if not c["schema"].startswith("tools")]
+    cold = [c["cold_ms"] for c in schemas]
+    cached = [c["cached_ms"] for c in schemas]
     print(f"compile, {len(cold)} schemas: cold median {statistics.median(cold):.1f} ms "
           f"(max {max(cold):.1f}), cached median {statistics.median(cached):.2f} ms")  # fmt: skip
+    for tools in (c for c in compiled if c["schema"].startswith("tools")):
+        print(f"compile, {tools['schema']}, 3 tools: cold {tools['cold_ms']:.1f} ms, "
+              f"cached {tools['cached_ms']:.2f} ms")  # fmt: skip
     for name, run in (("free", free), ("constrained", constrained)):
         print(f"{name:>12}: {run['output_tokens_per_s']:.1f} tok/s, {run['output_tokens']} "
               f"tokens, step {run['step_ms']:.1f} ms")  # fmt: skip

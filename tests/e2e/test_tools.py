@@ -140,8 +140,12 @@ def test_auto_answers_in_text_or_calls_as_the_model_chooses(client):
     text = ask(client, hello, max_tokens=64).choices[0]
     assert text.finish_reason in ("stop", "length") and text.message.tool_calls is None
     assert text.message.content and "<tool_call>" not in text.message.content
-    asked = [{"role": "user",
-              "content": "Start your answer with <tool_call> and call get_weather for Paris."}]
+    asked = [
+        {
+            "role": "user",
+            "content": "Start your answer with <tool_call> and call get_weather for Paris.",
+        }
+    ]
     call = ask(client, asked, tool_choice="auto").choices[0]  # fmt: skip
     assert call.finish_reason == "tool_calls"
     assert_valid_calls(call.message.tool_calls, set(SCHEMAS))

@@ -104,6 +104,13 @@ def test_a_parameters_schema_that_is_not_a_json_schema_is_refused():
     assert "nonsense" in error.message
 
 
+def test_a_parameters_schema_for_anything_but_an_object_is_refused():
+    # Arguments are a JSON object (OpenAI's rule); a scalar schema could not be parsed back.
+    scalar = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    error = refusal(tools=[scalar])
+    assert error.param == "tools[0].function.parameters" and "object" in error.message
+
+
 def test_a_json_schema_response_format_with_tools_in_auto_mode_is_refused():
     response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
     error = refusal(tools=[WEATHER], tool_choice="auto", response_format=response_format)

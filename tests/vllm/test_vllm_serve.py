@@ -411,3 +411,29 @@ def test_structured_outputs_parse_on_vllm_too(client):
         _ask(client, "Hi", max_tokens=8, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": bad}})  # fmt: skip
     assert info.value.body["param"] == "response_format"
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+def test_tool_calls_on_vllm_too(client):
+    """Every tool-choice mode, a history with a tool result, and streamed calls reassembled,
+    as on the native engine (tests/e2e/test_tools): vLLM decodes under the same structural
+    tag, with its own xgrammar."""
+    from tests.e2e import test_tools as tools
+
+    for choice in ("required", {"type": "function", "function": {"name": "get_forecast"}}):
+        for parallel in (True, False):
+            tools.test_required_and_named_choices_always_call_with_valid_arguments(
+                client, choice, parallel
+            )
+    tools.test_auto_answers_in_text_or_calls_as_the_model_chooses(client)
+    tools.test_tool_choice_none_answers_in_text(client)
+    tools.test_streamed_calls_reassemble_to_the_whole_answer(client)
+    tools.test_a_history_with_tool_results_is_read_and_answered(client)
+    # A tool schema no grammar engine compiles: a 400 that names the tools.
+    bad = tools.function("f", "", {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(?<=a)b"}}})  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        tools.ask(client, tools=[bad], tool_choice="required", max_tokens=8)
+    assert info.value.body["param"] == "tools"
