@@ -77,10 +77,23 @@ def compile_times(engine: GenerationEngine) -> list[dict]:
     return found
 
 
-async def throughput(engine, tokenizer, clients: int, tokens: int, structured: bool) -> dict:
-    spec = (
-        StructuredOutput(kind="json_schema", json_schema=json.dumps(LONG)) if structured else None
+def tools_auto_spec() -> StructuredOutput:
+    """``tool_choice`` auto over the three tools of tests/e2e/test_tools: free text until
+    ``<tool_call>`` (the prompts here are answered in text)."""
+    from logic.protocol import ChatCompletionRequest
+    from logic.tools import plan_tools
+    from logic.tools import structured_output as tool_spec
+    from tests.e2e.test_tools import TOOLS
+
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
     )
+    return tool_spec(plan_tools(request, native=False))
+
+
+async def throughput(
+    engine, tokenizer, clients: int, tokens: int, spec: StructuredOutput | None
+) -> dict:
     requests = []
     for index in range(clients * 2):
         prompt = PROMPTS[index % len(PROMPTS)]
@@ -120,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:
         compiled = compile_times(engine)
-        asyncio.run(throughput(engine, tokenizer, args.clients, 8, False))  # warm-up
-        free = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, False))
-        constrained = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, True))
+        json_spec = StructuredOutput(kind="json_schema", json_schema=json.dumps(LONG))
+        asyncio.run(throughput(engine, tokenizer, args.clients, 8, None))  # warm-up
+        free = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, None))
+        constrained = asyncio.run(
+            throughput(engine, tokenizer, args.clients, args.tokens, json_spec)
+        )
+        tools = asyncio.run(
+            throughput(engine, tokenizer, args.clients, args.tokens, tools_auto_spec())
+        )
     finally:
         engine.close()
     print(f"first use (the tokenizer's vocabulary): {compiled[0]['cold_ms']:.0f} ms")
@@ -131,16 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     cached = [c["cached_ms"] for c in schemas]
     print(f"compile, {len(cold)} schemas: cold median {statistics.median(cold):.1f} ms "
           f"(max {max(cold):.1f}), cached median {statistics.median(cached):.2f} ms")  # fmt: skip
-    for tools in (c for c in compiled if c["schema"].startswith("tools")):
-        print(f"compile, {tools['schema']}, 3 tools: cold {tools['cold_ms']:.1f} ms, "
-              f"cached {tools['cached_ms']:.2f} ms")  # fmt: skip
-    for name, run in (("free", free), ("constrained", constrained)):
+    for tag in (c for c in compiled if c["schema"].startswith("tools")):
+        print(f"compile, {tag['schema']}, 3 tools: cold {tag['cold_ms']:.1f} ms, "
+              f"cached {tag['cached_ms']:.2f} ms")  # fmt: skip
+    for name, run in (("free", free), ("constrained", constrained), ("tools auto", tools)):
         print(f"{name:>12}: {run['output_tokens_per_s']:.1f} tok/s, {run['output_tokens']} "
               f"tokens, step {run['step_ms']:.1f} ms")  # fmt: skip
     ratio = constrained["output_tokens_per_s"] / free["output_tokens_per_s"]
     print(f"constrained / free throughput at {args.clients} concurrent: {ratio:.2f} "
           f"(cost {100 * (1 - ratio):.0f}%; target <= 15%)")  # fmt: skip
-    print(json.dumps({"compile": compiled, "free": free, "constrained": constrained}))
+    ratio = tools["output_tokens_per_s"] / free["output_tokens_per_s"]
+    print(f"tools auto (answered in text) / free throughput: {ratio:.2f} "
+          f"(cost {100 * (1 - ratio):.0f}%)")  # fmt: skip
+    print(json.dumps({"compile": compiled, "free": free, "constrained": constrained,
+                      "tools_auto": tools}))  # fmt: skip
     return 0
 
 
