@@ -10,7 +10,7 @@ from unittest.mock import MagicMock
 
 import pytest
 
-from logic.protocol import SamplingParams
+from logic.protocol import SamplingParams, StructuredOutput
 from logic.settings import Settings
 from runners.engine_api import engine_metrics
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
@@ -238,3 +238,11 @@ def test_engine_arguments_follow_the_settings():
     assert on_gpu.enable_prefix_caching  # on by default
     sized = engine_args("/models/x", Settings(vllm_kv_cache_gib=0.5), on_gpu=True)
     assert sized.kv_cache_memory_bytes == 1 << 29
+
+
+def test_a_tool_call_structural_tag_goes_to_vllm_as_it_is():
+    tag = '{"type":"structural_tag","format":{"type":"const_string","value":"x"}}'
+    spec = StructuredOutput(kind="structural_tag", structural_tag=tag)
+    ours = to_vllm(SamplingParams(max_new_tokens=5, structured=spec), room=100)
+    assert ours.structured_outputs.structural_tag == tag
+    assert ours.structured_outputs.json is None

@@ -437,3 +437,30 @@ def test_tool_calls_on_vllm_too(client):
     with pytest.raises(openai.BadRequestError) as info:
         tools.ask(client, tools=[bad], tool_choice="required", max_tokens=8)
     assert info.value.body["param"] == "tools"
+
+
+def test_free_answers_do_not_change_beside_constrained_ones(client):
+    """A batch mixing free requests with structured and tool-call ones: the free answers are
+    the ones they get alone (vLLM masks only the constrained rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.e2e import test_tools as tools
+    from tests.e2e.test_structured import CASES
+
+    prompts = PROMPTS[:2]
+    alone = [_ask(client, p, temperature=0, max_tokens=48).choices[0].message.content
+             for p in prompts]  # fmt: skip
+    model, question = CASES[0]
+    with ThreadPoolExecutor(6) as pool:
+        calls = [pool.submit(tools.ask, client, tool_choice="required") for _ in range(2)]
+        parsed = pool.submit(
+            client.chat.completions.parse, model=DEFAULT_MODEL, response_format=model,
+            messages=[{"role": "user", "content": question}], max_tokens=300, temperature=0,
+        )  # fmt: skip
+        free = [pool.submit(_ask, client, p, temperature=0, max_tokens=48) for p in prompts]
+        together = [f.result().choices[0].message.content for f in free]
+        for call in calls:
+            message = call.result().choices[0].message
+            tools.assert_valid_calls(message.tool_calls, set(tools.SCHEMAS))
+        assert isinstance(parsed.result().choices[0].message.parsed, model)
+    assert together == alone
