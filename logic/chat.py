@@ -392,7 +392,7 @@ class ChatCompletionService:
             content=self.pipeline.after(content) if content or not calls else None,
             tool_calls=calls,
         )
-        return message, _finish(choice, calls is not None)
+        return message, _finish(choice, prepared.tools, calls is not None)
 
     def create_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Validates now (so bad input fails before any byte is sent), then streams chunks."""
@@ -438,7 +438,7 @@ class ChatCompletionService:
                     if parser is not None:
                         for event in parser.close():
                             yield chunk(choice.index, _delta(event))
-                    finish = _finish(choice, bool(parser and parser.calls))
+                    finish = _finish(choice, prepared.tools, bool(parser and parser.calls))
                     yield chunk(choice.index, DeltaMessage(), finish)
                     continue
                 choice.text.append(text)
@@ -571,9 +571,10 @@ def _log_generation(
     logger.info("generation %s", outcome, extra={"fields": fields})
 
 
-def _finish(choice: _Choice, called: bool) -> ChoiceFinishReason:
-    """``tool_calls`` when an answer that ended by itself holds calls (OpenAI's reason)."""
-    if called and choice.finish_reason == "stop":
+def _finish(choice: _Choice, plan: ToolPlan | None, called: bool) -> ChoiceFinishReason:
+    """``tool_calls`` when an answer that ended by itself holds calls; but ``stop`` for a
+    call the request named, as OpenAI answers both."""
+    if called and choice.finish_reason == "stop" and plan is not None and plan.mode != "named":
         return "tool_calls"
     return choice.finish_reason or "stop"
 
@@ -615,10 +616,10 @@ def encode_conversation(
     tools' own descriptions are text from clients too: theirs is broken the same way."""
     tokenizer, template = files.tokenizer, files.template
     specials = [s for s in tokenizer.special_tokens if s]
-    if tools is not None or any("tool_calls" in m for m in messages):
-        messages = [{k: v if k in ("role", "content") else _defuse(v, specials)
-                     for k, v in m.items()} for m in messages]  # fmt: skip
-        tools = _defuse(tools, specials)
+    # Whatever else a message carries (a template's tool_calls, a tool_call_id) and the tools.
+    messages = [{k: v if k in ("role", "content") else _defuse(v, specials)
+                 for k, v in m.items()} for m in messages]  # fmt: skip
+    tools = _defuse(tools, specials)
     if not any(s in str(m.get("content") or "") for m in messages for s in specials):
         return tokenizer.encode(template.render(messages, tools=tools))
     parts = template.render_parts(messages, tools=tools)

@@ -14,6 +14,8 @@ import re
 from typing import Any
 
 import jsonschema
+import referencing
+import referencing.exceptions
 
 # ---------------------------------------------------------------- extraction
 
@@ -115,7 +117,8 @@ def _validator_class(schema: Any) -> type:
 
 
 def schema_errors(schema: Any) -> list[str]:
-    """Why ``schema`` is not a valid JSON Schema (empty when it is)."""
+    """Why ``schema`` is not a valid JSON Schema (empty when it is). A ``$ref`` must point
+    inside the schema (``#...``): the service fetches nothing a client names."""
     if not isinstance(schema, dict | bool):
         return ["the schema must be an object"]
     try:
@@ -123,13 +126,48 @@ def schema_errors(schema: Any) -> list[str]:
     except jsonschema.SchemaError as exc:
         where = "/".join(str(part) for part in exc.path) or "the schema"
         return [f"at {where}: {exc.message}"]
+    except RecursionError:
+        return ["the schema is nested too deeply"]
+    remote = _remote_ref(schema)
+    if remote is not None:
+        return [f"only references inside the schema ('#/...') are allowed, not {remote!r}"]
     return []
+
+
+def _remote_ref(schema: Any, depth: int = 0) -> str | None:
+    """The first ``$ref`` that does not point inside the schema."""
+    if depth > 200:
+        return None
+    if isinstance(schema, list):
+        items = schema
+    elif isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return ref
+        items = list(schema.values())
+    else:
+        return None
+    for item in items:
+        found = _remote_ref(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+# An empty registry that retrieves nothing: a reference is resolved inside the schema or not
+# at all (jsonschema's default would fetch http:// and file:// URLs).
+_NO_RETRIEVAL = referencing.Registry()
 
 
 def validation_errors(value: Any, schema: dict[str, Any] | bool, limit: int = 5) -> list[str]:
     """Where ``value`` breaks ``schema``, at most ``limit`` of them (empty when it conforms)."""
-    validator = _validator_class(schema)(schema, format_checker=jsonschema.FormatChecker())
-    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    validator = _validator_class(schema)(
+        schema, format_checker=jsonschema.FormatChecker(), registry=_NO_RETRIEVAL
+    )
+    try:
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    except referencing.exceptions.Unresolvable as exc:
+        return [f"the schema's reference {getattr(exc, 'ref', '')!r} cannot be resolved"]
     return [f"{_where(e.absolute_path)}: {e.message}" for e in errors[:limit]]
 
 

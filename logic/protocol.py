@@ -162,6 +162,12 @@ class ChatMessage(BaseModel):
     content: str | list[TextContentPart] | None = None
     tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
     tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # What the openai SDK echoes back when a client sends a returned message as it came
+    # (``message.model_dump()``): accepted, and not shown to the model.
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _fits_its_role(self) -> ChatMessage:
@@ -336,7 +342,9 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ToolCall] | None = None
+    # As OpenAI sends it: no "tool_calls" key when there are none (BentoML's own client
+    # also reads a null there as a list, and fails).
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 ChoiceFinishReason = Literal["stop", "length", "tool_calls"]

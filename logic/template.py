@@ -48,8 +48,10 @@ class ChatTemplate:
         self._template = env.from_string(source)
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
         # Templates that take tools read a ``tools`` variable (and render ``tool_calls`` and
-        # ``tool`` messages); the others are given a tool prompt instead (logic.tools).
-        self.takes_tools = re.search(r"\btools\b", source) is not None
+        # ``tool`` messages). Only those that ask for Hermes calls (``<tool_call>`` blocks:
+        # Qwen2.5/3, Hermes, SmolLM3) are used so, as that is the form the answers are read
+        # in; the others (and templates without tools) get the tool prompt (logic.tools).
+        self.takes_tools = re.search(r"\btools\b", source) is not None and "<tool_call>" in source
 
     def render_parts(
         self,

@@ -224,14 +224,19 @@ def history(messages: list[ChatMessage], *, native: bool) -> list[dict[str, Any]
 
 
 def _arguments(text: str, message: int, call: int) -> Any:
+    """An earlier call's arguments, parsed (empty text is no arguments, as some clients send)."""
+    if not text.strip():
+        return {}
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode()  # no lone surrogates ("\ud800")
+    except (ValueError, RecursionError):  # not JSON, too deep, too many digits, not UTF-8
         raise InvalidRequestError(
             "A tool call's 'arguments' must be JSON text.",
             param=f"messages[{message}].tool_calls[{call}].function.arguments",
             code="invalid_value",
         ) from None
+    return value
 
 
 # ---------------------------------------------------------------- the grammar
@@ -305,7 +310,8 @@ def _hoisted_defs(plan: ToolPlan) -> dict[str, Any]:
         for section in ("$defs", "definitions"):
             for sub, sub_schema in (parameters.pop(section, None) or {}).items():
                 defs[f"{key}.{sub}"] = _rewrite_refs(sub_schema, key)
-        defs[key] = _rewrite_refs(parameters, key)
+        # Arguments are an object even where the schema does not say so ({"anyOf": ...}).
+        defs[key] = _rewrite_refs({**parameters, "type": "object"}, key)
     return defs
 
 
@@ -375,6 +381,7 @@ class ToolCallParser:
         self._in_string = False
         self._escaped = False
         self._fresh = True
+        self._said = False  # some content was given out
         self.calls: list[ParsedCall] = []
 
     def push(self, text: str) -> list[Event]:
@@ -429,6 +436,8 @@ class ToolCallParser:
         if self._state == "text":
             if self._fresh:  # no whitespace at the start of content, nor after a block
                 buffer = self._buffer = buffer.lstrip()
+                if buffer and self._said:  # text after a block (Hermes): a line of its own
+                    buffer = self._buffer = "\n" + buffer
                 self._fresh = not buffer
             at = buffer.find(CALL_BEGIN)
             if at < 0:
@@ -437,10 +446,11 @@ class ToolCallParser:
                 body = buffer[: len(buffer) - _possible_start(buffer)].rstrip()
                 if body:
                     events.append(ContentDelta(body))
-                    self._buffer = buffer[len(body) :]
+                    self._buffer, self._said = buffer[len(body) :], True
                 return False
             if buffer[:at].rstrip():
                 events.append(ContentDelta(buffer[:at].rstrip()))
+                self._said = True
             self._buffer, self._state = buffer[at + len(CALL_BEGIN) :], "block"
             return True
         if self._state == "block":  # between calls: "[", ",", "]", whitespace, or the end tag

@@ -21,6 +21,7 @@ from logic.tools import (
     history,
     instruction,
     plan_tools,
+    structured_output,
     tool_calls,
 )
 
@@ -286,8 +287,9 @@ def test_native_blocks_parse_into_one_call_each():
         ]
 
 
-def test_text_after_a_native_block_starts_without_whitespace():
-    # Native auto mode with parallel calls lets text follow a block.
+def test_text_after_a_native_block_is_a_line_of_its_own():
+    # Native auto mode with parallel calls lets text follow a block: its whitespace goes, a
+    # line break keeps it apart from the text before the block.
     text = (
         'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
         "</tool_call>\n  Done.\n"
@@ -295,7 +297,7 @@ def test_text_after_a_native_block_starts_without_whitespace():
     for size in (1, 2, len(text)):
         events = parse(ToolCallParser(plan(native=True)), text, size)
         content = [e.text for e in events if isinstance(e, ContentDelta)]
-        assert "".join(content) == "Sure.Done.", size
+        assert "".join(content) == "Sure.\nDone.", size
         assert calls_of(events) == [("get_weather", '{"city": "Paris"}')]
 
 
@@ -461,3 +463,44 @@ def test_an_assistant_message_with_calls_needs_no_content():
     )
     assistant = parsed.messages[1]
     assert assistant.text == "" and assistant.tool_calls[0].function.name == "get_weather"
+
+
+def test_earlier_arguments_that_are_not_json_text_are_400s_not_500s():
+    for bad in ("[" * 3000 + "]" * 3000, "1" + "0" * 5000, '{"a": "\\ud800"}', "{nope"):
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": bad}}
+        message = ChatMessage.model_validate({"role": "assistant", "tool_calls": [call]})
+        with pytest.raises(InvalidRequestError) as caught:
+            history([message], native=False)
+        assert caught.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+def test_empty_earlier_arguments_are_no_arguments():
+    message = ChatMessage.model_validate({"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}]})  # fmt: skip
+    (shown,) = history([message], native=True)
+    assert shown["tool_calls"][0]["function"]["arguments"] == {}
+
+
+def test_a_schema_that_does_not_say_object_still_gets_object_arguments():
+    untyped = {"type": "function", "function": {"name": "f", "parameters": {
+        "anyOf": [{"type": "string"}, {"type": "object"}]}}}  # fmt: skip
+    tag = json.loads(structured_output(plan_tools(request(tools=[untyped]), native=False))
+                     .structural_tag)  # fmt: skip
+    defs = tag["format"]["tags"][0]["content"]["json_schema"]["$defs"]
+    assert defs["tool0"]["type"] == "object"
+
+
+def test_a_remote_ref_in_a_tool_schema_is_refused():
+    remote = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}}}}  # fmt: skip
+    error = refusal(tools=[remote])
+    assert error.param == "tools[0].function.parameters" and "file:///etc/passwd" in error.message
+
+
+def test_an_assistant_message_echoed_back_as_the_sdk_dumps_it_is_accepted():
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    echoed = {"role": "assistant", "content": None, "refusal": None, "annotations": [],
+              "audio": None, "function_call": None, "tool_calls": [call]}  # fmt: skip
+    assert ChatMessage.model_validate(echoed).tool_calls[0].function.name == "f"
+    with pytest.raises(ValidationError):  # the legacy function_call is not served
+        ChatMessage.model_validate({**echoed, "function_call": {"name": "f", "arguments": "{}"}})
