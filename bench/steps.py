@@ -1,8 +1,10 @@
-"""A pre-processing step of adjustable weight, for the topology benchmark.
+"""Business logic of adjustable weight, for the topology benchmark.
 
-``BENCH_LOGIC_MS`` milliseconds of pure-Python CPU work per request (holding the GIL, as
-tokenizing, templating, PII scrubbing, retrieval glue or policy checks in Python do). The
-servers load it with ``LLM_STEP_MODULES=bench.steps`` and name it in ``LLM_PRE_STEPS``.
+``BENCH_LOGIC_MS`` milliseconds of pure-Python CPU work per request before the model
+(holding the GIL, as tokenizing, templating, PII scrubbing, retrieval glue or policy checks
+in Python do), and ``BENCH_POST_MS`` on each complete answer's text (moderation, audit,
+parsing), streamed or not. The servers load them with ``LLM_STEP_MODULES=bench.steps`` and
+name them in ``LLM_PRE_STEPS`` and ``LLM_ANSWER_STEPS``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from logic.pipeline import Conversation, register_pre_step
+from logic.pipeline import Conversation, register_answer_step, register_pre_step
 
 
 def burn(seconds: float) -> int:
@@ -30,5 +32,16 @@ def simulated_work(settings) -> object:
         if seconds > 0:
             burn(seconds)
         return conversation
+
+    return step
+
+
+@register_answer_step("simulated_answer_work", replace=True)
+def simulated_answer_work(settings) -> object:
+    seconds = float(os.environ.get("BENCH_POST_MS", "0")) / 1000
+
+    def step(text: str) -> None:
+        if seconds > 0:
+            burn(seconds)
 
     return step

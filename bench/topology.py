@@ -46,6 +46,8 @@ from bench.suite import server
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 START = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
 _BUSY = re.compile(r"^llm_runner_busy_seconds_total\s+(\S+)", re.MULTILINE)
+# A simulated accelerator reports its own busy time: the share it computed, not the host's.
+_DEVICE_BUSY = re.compile(r"^llm_runner_device_busy_seconds_total\s+(\S+)", re.MULTILINE)
 
 
 def _ints(text: str) -> list[int]:
@@ -58,7 +60,8 @@ def _floats(text: str) -> list[float]:
 
 def read_busy(metrics_url: str) -> float:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        found = _BUSY.search(response.read().decode())
+        page = response.read().decode()
+    found = _DEVICE_BUSY.search(page) or _BUSY.search(page)
     if found is None:
         raise RuntimeError(f"no llm_runner_busy_seconds_total at {metrics_url}")
     return float(found.group(1))
@@ -149,9 +152,14 @@ def measure(args: argparse.Namespace) -> list[Row]:
             "LLM_API_WORKERS": str(args.api_workers),
             "LLM_STEP_MODULES": "bench.steps",
             "LLM_PRE_STEPS": "system_prompt,input_limits,simulated_work",
-            "BENCH_LOGIC_MS": str(logic_ms),
+            "LLM_ANSWER_STEPS": "simulated_answer_work",
+            "BENCH_LOGIC_MS": str(logic_ms * (1 - args.post_share)),
+            "BENCH_POST_MS": str(logic_ms * args.post_share),
             "LLM_LOG_LEVEL": "WARNING",  # a line per request would be measured too
         }
+        if args.device == "simulated":
+            env["LLM_DEVICE"] = "simulated"
+            env["LLM_SIMULATED_ANSWER_TOKENS"] = str(4 * args.max_tokens)  # max_tokens ends
         if args.model:
             env["LLM_MODEL"] = args.model
         for topology in args.topologies:
@@ -182,7 +190,17 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
 
 def write_report(rows: list[Row], args: argparse.Namespace, command: str) -> Path:
+    device: dict = {}
+    if args.device == "simulated":
+        from runners.simulated import LLAMA3_8B_H100, describe
+
+        device = {"device": f"simulated: {LLAMA3_8B_H100.name}",
+                  "latency_model": describe(LLAMA3_8B_H100)}  # fmt: skip
+    else:
+        device = {"device": "cuda" if _has_cuda() else "cpu"}
     meta = {
+        **device,
+        "post_share": args.post_share,
         "command": command,
         "machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU"
@@ -238,6 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         help="business-logic CPU ms per request, comma-separated (default 0,20)",
     )
     parser.add_argument("--api-workers", type=int, default=2, help="API worker processes")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "simulated"],
+        default="auto",
+        help="simulated: the runner on the simulated GPU (LLM_DEVICE=simulated)",
+    )
+    parser.add_argument(
+        "--post-share",
+        type=float,
+        default=0.5,
+        help="the share of the logic weight spent on the complete answer (default 0.5)",
+    )
     parser.add_argument(
         "--topologies",
         type=lambda s: [t for t in s.split(",") if t],

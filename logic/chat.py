@@ -148,7 +148,10 @@ class ChatCompletionService:
         self._created = int(time.time())
         pre = ["redact_pii"] if settings.redact_pii else []
         self.pipeline = Pipeline.from_settings(
-            settings, pre=pre + _names(settings.pre_steps), post=_names(settings.post_steps)
+            settings,
+            pre=pre + _names(settings.pre_steps),
+            post=_names(settings.post_steps),
+            answer=_names(settings.answer_steps),
         )
 
     @property
@@ -273,6 +276,7 @@ class ChatCompletionService:
         cleaner = OutputCleaner()
         params = prepared.params_for(choice.index)
         stop_ids = set(params.stop_token_ids)
+        answer: list[str] = []  # for the answer steps, once it is complete
 
         # aclosing: leaving early (a stop string, a deadline) closes the runner stream, which
         # cancels the generation.
@@ -295,6 +299,10 @@ class ChatCompletionService:
                     choice.finish_reason = chunk.finish_reason
                 if stops.stopped:  # a stop string wins, even one completed by the flush
                     choice.finish_reason = "stop"
+                if self.pipeline.answer:
+                    answer.append(text)
+                    if choice.finish_reason is not None:
+                        self.pipeline.check("".join(answer))
                 yield text, entries  # text may be empty: callers learn the runner answered
                 if choice.finish_reason is not None:
                     return

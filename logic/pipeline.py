@@ -68,14 +68,17 @@ def _plain_message(message: Any) -> dict[str, str]:
 
 PreStep = Callable[[Conversation], Conversation]
 PostStep = Callable[[str], str]
+AnswerStep = Callable[[str], None]
 PreStepFactory = Callable[[Any], PreStep]
 PostStepFactory = Callable[[Any], PostStep]
+AnswerStepFactory = Callable[[Any], AnswerStep]
 Factory = TypeVar("Factory", bound=Callable[[Any], Callable[..., Any]])
 
 # ---------------------------------------------------------------- registry
 
 PRE_STEPS: dict[str, PreStepFactory] = {}
 POST_STEPS: dict[str, PostStepFactory] = {}
+ANSWER_STEPS: dict[str, AnswerStepFactory] = {}
 
 
 def register_pre_step(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:
@@ -86,6 +89,13 @@ def register_pre_step(name: str, *, replace: bool = False) -> Callable[[Factory]
 def register_post_step(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:
     """Registers a post-step factory under ``name``; ``replace`` allows overriding one."""
     return _registrar(POST_STEPS, "post-step", name, replace)
+
+
+def register_answer_step(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:
+    """Registers an answer-step factory under ``name``: its step sees each whole answer's
+    text once it is complete, streamed or not (a check, an audit record), and may raise an
+    :class:`~logic.errors.APIError` (a streamed answer then ends with an error event)."""
+    return _registrar(ANSWER_STEPS, "answer step", name, replace)
 
 
 def _registrar(
@@ -274,6 +284,7 @@ class Pipeline:
 
     pre: tuple[tuple[str, PreStep], ...] = ()
     post: tuple[tuple[str, PostStep], ...] = ()
+    answer: tuple[tuple[str, AnswerStep], ...] = ()
 
     @classmethod
     def from_settings(
@@ -281,6 +292,7 @@ class Pipeline:
         settings: Any,
         pre: Sequence[str] | str | None = None,
         post: Sequence[str] | str | None = None,
+        answer: Sequence[str] | str | None = None,
     ) -> Pipeline:
         """The steps named in ``pre`` and ``post``, built from ``settings``.
 
@@ -293,9 +305,11 @@ class Pipeline:
             importlib.import_module(module)
         pre = _names(pre, getattr(settings, "pre_steps", None), DEFAULT_PRE_STEPS)
         post = _names(post, getattr(settings, "post_steps", None), DEFAULT_POST_STEPS)
+        answer = _names(answer, getattr(settings, "answer_steps", None), ())
         return cls(
             pre=_build(PRE_STEPS, "pre-step", pre, settings),
             post=_build(POST_STEPS, "post-step", post, settings),
+            answer=_build(ANSWER_STEPS, "answer step", answer, settings),
         )
 
     @property
@@ -313,6 +327,11 @@ class Pipeline:
             if not isinstance(conversation, Conversation):
                 raise TypeError(f"Pre-step {name!r} returned {type(conversation).__name__}.")
         return conversation
+
+    def check(self, text: str) -> None:
+        """The answer steps, in order, on a complete answer's text (streamed or not)."""
+        for _, step in self.answer:
+            step(text)
 
     def after(self, text: str) -> str:
         """The post-steps, in order, on the final answer text."""

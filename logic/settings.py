@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="Steps on a whole answer (built in: strip_template_artefacts, "
         "strip_trailing_whitespace). Streams get the same cleanup incrementally.",
     )
+    answer_steps: str = Field(
+        "",
+        description="Steps that see each complete answer's text, streamed or not (checks, "
+        "audit records; none built in: register_answer_step in your step_modules).",
+    )
     redact_pii: bool = Field(
         False,
         description="Mask e-mail addresses, phone and card numbers before the prompt reaches "
@@ -133,8 +138,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds the API waits to connect to the runner before answering 503.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: cuda when a GPU is present, else cpu."
+    device: Literal["auto", "cpu", "cuda", "simulated"] = Field(
+        "auto",
+        description="auto: cuda when a GPU is present, else cpu. simulated: a SIMULATED GPU "
+        "(Llama-3-8B bf16 on one H100, as a latency model) behind the real engine, for "
+        "measuring topologies without one; its answers are placeholders.",
+    )
+    simulated_answer_tokens: int = Field(
+        256, ge=1, description="With LLM_DEVICE=simulated: answer length before EOS."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu."

@@ -259,9 +259,21 @@ class GenerationEngine:
         kv_cache_fraction: float | None = None,
         kv_block_size: int = 16,
         prefix_caching: bool = True,
+        simulated_answer_tokens: int = 256,
     ) -> GenerationEngine:
         if threads:
             torch.set_num_threads(threads)
+        if device == "simulated":  # a GPU's timing, without a GPU (runners.simulated)
+            return cls._load_simulated(
+                path,
+                max_batch_size=max_batch_size,
+                max_batch_tokens=max_batch_tokens,
+                max_in_flight=max_in_flight,
+                kv_cache_gib=kv_cache_gib,
+                kv_block_size=kv_block_size,
+                prefix_caching=prefix_caching,
+                answer_tokens=simulated_answer_tokens,
+            )
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         default_batch, default_tokens = _DEFAULT_LIMITS.get(dev.type, _DEFAULT_LIMITS["cpu"])
@@ -304,6 +316,44 @@ class GenerationEngine:
             "on" if pool.prefix_caching else "off",
         )  # fmt: skip
         return engine
+
+    @classmethod
+    def _load_simulated(
+        cls,
+        path: str | Path,
+        *,
+        max_batch_size: int | None,
+        max_batch_tokens: int | None,
+        max_in_flight: int | None,
+        kv_cache_gib: float | None,
+        kv_block_size: int,
+        prefix_caching: bool,
+        answer_tokens: int,
+    ) -> GenerationEngine:
+        """The engine on the SIMULATED accelerator, with a GPU's default limits."""
+        from runners.simulated import build_simulated
+
+        batch, tokens = _DEFAULT_LIMITS["cuda"]
+        batch = max_batch_size or batch
+
+        def build() -> BatchModel:
+            return build_simulated(
+                path,
+                max_slots=batch,
+                kv_budget_bytes=int(kv_cache_gib * GIB) if kv_cache_gib else None,
+                block_size=kv_block_size,
+                answer_tokens=answer_tokens,
+            )
+
+        return cls(
+            build,
+            torch.device("cpu"),  # where the logits are built and sampled
+            max_batch_size=batch,
+            max_batch_tokens=max_batch_tokens or tokens,
+            max_in_flight=max_in_flight,
+            prefix_caching=prefix_caching,
+            tokenizer_dir=path,
+        )
 
     @property
     def model(self) -> Any:
@@ -437,7 +487,16 @@ class GenerationEngine:
         pool, prefix = self.blocks, self.blocks.stats
         total = pool.num_blocks - 1
         hit_rate = prefix.hits / prefix.queries if prefix.queries else 0.0
-        return [
+        simulated = []
+        if getattr(self.batch_model, "simulated", False):
+            simulated = [
+                Series("simulated_device", "gauge", "1: the accelerator is a SIMULATION "
+                       "(LLM_DEVICE=simulated); no model computes the answers.", 1),
+                Series("device_busy_seconds_total", "counter",
+                       "The simulated accelerator's busy time (its latency model).",
+                       round(self.batch_model.device_seconds, 6)),
+            ]  # fmt: skip
+        return simulated + [
             Series("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.",
                    round(pool.used_blocks / total, 6)),
             Series("kv_cache_blocks", "gauge", "KV blocks in the memory budget.", total),
@@ -618,6 +677,14 @@ class GenerationEngine:
         if not rows:
             self._flush()
             return
+        if logits.shape[-1] == 0:  # a simulated device chose the tokens (runners.simulated)
+            if not any(r.penalty is not None or r.matcher is not None or r.params.logprobs
+                       for r in rows):  # fmt: skip
+                for request, token in zip(rows, self.batch_model.sampled, strict=True):
+                    self._emit(request, token)
+                self._flush()
+                return
+            logits = self.batch_model.full_logits()  # what the rows' extras work on
         penalized = [i for i, request in enumerate(rows) if request.penalty is not None]
         if penalized:
             logits.index_add_(

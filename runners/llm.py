@@ -110,6 +110,7 @@ def _native_engine(model_path: str | Path, backend: str) -> GenerationEngine:
         kv_cache_fraction=settings.kv_cache_fraction,
         kv_block_size=settings.kv_block_size,
         prefix_caching=settings.prefix_caching,
+        simulated_answer_tokens=settings.simulated_answer_tokens,
     )
 
 
