@@ -29,7 +29,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
-	build containerize bench bench-topology
+	build containerize bench bench-topology bench-topology-sim
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -129,6 +129,15 @@ bench: model $(BENCH_STAMP)
 TOPOLOGY_ARGS ?=
 bench-topology: model
 	$(PY) -m bench.topology $(TOPOLOGY_ARGS)
+
+# The same on the SIMULATED GPU (LLM_DEVICE=simulated: Llama-3-8B bf16 on one H100, as a
+# latency model): docs/topology/simulated-gpu/. About 15 minutes here. A tiny grid of it runs
+# in `make test` (tests/e2e/test_topology_sim.py).
+TOPOLOGY_SIM_ARGS ?= --clients 1,8,32,64 --logic-ms 0,5,20,50 --post-share 0.5 \
+	--requests 48 --per-client 6 --min-tokens 32 --max-tokens 96 --api-workers 2
+bench-topology-sim: model
+	$(PY) -m bench.topology --device simulated --out docs/topology/simulated-gpu \
+		$(TOPOLOGY_SIM_ARGS)
 
 # The GPU check, for the GPU machine we can borrow: Python 3.12 with torch and transformers,
 # no BentoML, no vLLM, no network. `make gpu-wheels` (here) downloads the few pure-Python

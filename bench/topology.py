@@ -141,9 +141,14 @@ def serve(topology: str, env: dict[str, str], port: int, logs: Path) -> Iterator
 
 def measure(args: argparse.Namespace) -> list[Row]:
     prices = Prices.load(args.prices)
-    work = make_workload(
-        args.requests, min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.seed
-    )
+
+    def workload(clients: int) -> list[WorkItem]:
+        """The seeded workload; longer with more clients when --per-client asks for it."""
+        return make_workload(
+            max(args.requests, args.per_client * clients),
+            min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.seed,
+        )  # fmt: skip
+
     logs = Path(args.out) / "logs"
     rows: list[Row] = []
     for logic_ms in args.logic_ms:
@@ -171,7 +176,9 @@ def measure(args: argparse.Namespace) -> list[Row]:
                     before = read_busy(served["metrics"])
                     with MemorySampler(served["roots"]) as memory:
                         label = f"{topology}, logic {logic_ms:g} ms, {clients} clients"
-                        result, _ = asyncio.run(run_clients(target, work, clients, label))
+                        result, _ = asyncio.run(
+                            run_clients(target, workload(clients), clients, label)
+                        )
                     after = read_busy(served["metrics"])
                     api_mib = memory.api_peak / 2**20 if topology != "monolith" else None
                     row = make_row(
@@ -208,7 +215,9 @@ def write_report(rows: list[Row], args: argparse.Namespace, command: str) -> Pat
         else f"{platform.machine()} with a GPU",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "model": args.model or os.environ.get("LLM_MODEL", "smollm2-135m-instruct"),
-        "requests": args.requests,
+        "requests": args.requests
+        if not args.per_client
+        else f"max({args.requests}, {args.per_client} x clients)",
         "min_tokens": args.min_tokens,
         "max_tokens": args.max_tokens,
         "api_workers": args.api_workers,
@@ -265,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--post-share",
         type=float,
-        default=0.5,
-        help="the share of the logic weight spent on the complete answer (default 0.5)",
+        default=0.0,
+        help="the share of the logic weight spent on each complete answer's text (an "
+        "answer step), the rest before the model (default 0: all before)",
     )
     parser.add_argument(
         "--topologies",
@@ -275,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         help="monolith,split,remote",
     )
     parser.add_argument("--requests", type=int, default=24, help="requests per point")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="at least this many requests per client at each point (0: --requests only)",
+    )
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
