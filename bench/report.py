@@ -220,8 +220,8 @@ def ratio_table(rows: list[Row], topology: str, key: str, base: str = "monolith"
 
 
 def crossover(rows: list[Row], topology: str = "split", margin: float = 0.05) -> list[str]:
-    """Per logic weight: the fewest clients at which ``topology`` out-produces the monolith
-    by more than ``margin``, and its ratio at the most clients; or that it never does."""
+    """Per logic weight: the client counts at which ``topology`` out-produces the monolith by
+    more than ``margin``, and its ratio at the most clients; or that it never does."""
     lines = []
     clients = sorted({r.clients for r in rows})
     for weight in sorted({r.logic_ms for r in rows}):
@@ -233,15 +233,17 @@ def crossover(rows: list[Row], topology: str = "split", margin: float = 0.05) ->
                 ratios.append((count, ours.output_tokens_per_s / theirs.output_tokens_per_s))
         if not ratios:
             continue
-        ahead = [count for count, ratio in ratios if ratio > 1 + margin]
+        ahead = [(count, ratio) for count, ratio in ratios if ratio > 1 + margin]
+        best_count, best_ratio = max(ratios, key=lambda item: item[1])
         top_count, top_ratio = ratios[-1]
         if ahead:
+            where = ", ".join(str(count) for count, _ in ahead)
             lines.append(
-                f"logic {weight:g} ms: {topology} ahead from {ahead[0]} clients "
-                f"({top_ratio:.2f}× the monolith's throughput at {top_count})"
+                f"logic {weight:g} ms: {topology} more than {margin:.0%} ahead at {where} "
+                f"clients (best {best_ratio:.2f}× at {best_count}); {top_ratio:.2f}× at "
+                f"{top_count}"
             )
         else:
-            best_count, best_ratio = max(ratios, key=lambda item: item[1])
             lines.append(
                 f"logic {weight:g} ms: {topology} never more than {margin:.0%} ahead "
                 f"(best {best_ratio:.2f}× at {best_count} clients)"
