@@ -29,7 +29,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
-	build containerize bench bench-topology bench-topology-sim
+	build containerize base-image bench bench-topology bench-topology-sim
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -123,6 +123,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: model $(BENCH_STAMP)
 	$(if $(findstring --skip-vllm,$(BENCH_ARGS)),,$(MAKE) ENGINE=vllm install)
 	$(PY) -m bench.suite --vllm-venv $(VLLM_VENV) $(BENCH_ARGS)
+
+# A python:3.11-slim-like base image from Debian's packages (debootstrap), with the host's CA
+# certificates, for builds where Docker Hub cannot be reached. Needs root and a Docker engine.
+BASE_IMAGE ?= llm-bundle/python:3.11-debian
+base-image:
+	deploy/docker/base-image.sh $(BASE_IMAGE)
 
 # Monolith vs split vs remote, measured here: docs/topology/report.md, results.json and plots.
 # Knobs: TOPOLOGY_ARGS="--clients 1,4,16 --api-workers 2 --logic-ms 0,20 --topologies ..."
