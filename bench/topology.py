@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerender:
         print(f"report: {rerender(Path(args.rerender))}")
         return 0  # fmt: skip
+    if not 0 <= args.post_share <= 1:
+        parser.error("--post-share is a share: between 0 and 1")
     unknown = set(args.topologies) - set(TOPOLOGIES)
     if unknown:
         parser.error(f"unknown topologies: {', '.join(sorted(unknown))}")

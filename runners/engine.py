@@ -404,6 +404,13 @@ class GenerationEngine:
         When the consumer falls behind, the tokens waiting for it are sent as one chunk.
         """
         self.validate(prompt_ids)
+        if params.structured is not None and getattr(self.batch_model, "simulated", False):
+            # Its placeholder answer cannot follow a grammar: refused, not answered with junk.
+            raise EngineRequestError(
+                "Structured outputs and tool calls are not simulated (LLM_DEVICE=simulated).",
+                code="unsupported_parameter",
+                param=params.structured.param,
+            )
         request = self._make_request(prompt_ids, params)
         if params.structured is not None:
             request.matcher = await self._get_grammars().matcher(
@@ -678,7 +685,7 @@ class GenerationEngine:
             self._flush()
             return
         if logits.shape[-1] == 0:  # a simulated device chose the tokens (runners.simulated)
-            if not any(r.penalty is not None or r.matcher is not None or r.params.logprobs
+            if not any(r.penalized or r.matcher is not None or r.params.logprobs
                        for r in rows):  # fmt: skip
                 for request, token in zip(rows, self.batch_model.sampled, strict=True):
                     self._emit(request, token)

@@ -82,6 +82,10 @@ def resolve_engine(setting: str) -> str:
 def create_engine(model_path: str | Path) -> Engine:
     """The one place an engine is chosen and built, on a store entry's files."""
     choice = resolve_engine(settings.engine)
+    if settings.device == "simulated":  # the simulation is our engine's, never vLLM's
+        if settings.engine == "vllm":
+            raise ValueError("LLM_DEVICE=simulated runs our engine: set LLM_ENGINE=native")
+        choice = "native"
     if choice == "vllm":
         from runners.vllm_engine import VLLMEngine
 

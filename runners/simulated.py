@@ -28,8 +28,9 @@ says it comes from a simulation, and ends with EOS after ``answer_tokens`` token
 ``forward`` returns no logits (a ``[rows, 0]`` tensor) and ``sampled`` holds the tokens, so
 the host does not spend a GPU's sampling work on its own cores (64 rows over a 49k
 vocabulary take 8 ms on this CPU, more than the simulated step). Where a request needs
-logits (penalties, a grammar, logprobs) the engine asks :meth:`full_logits`: each row -1e4
-but the chosen token at 0, so whatever the sampling parameters, it is the token chosen.
+logits (penalties, logprobs) the engine asks :meth:`full_logits`: each row -1e4 but the
+chosen token at 0, so whatever the sampling parameters, it is the token chosen. Structured
+outputs and tool calls are refused (a 400): a placeholder answer cannot follow a grammar.
 """
 
 from __future__ import annotations

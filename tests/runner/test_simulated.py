@@ -181,3 +181,39 @@ def test_the_engine_on_it_answers_deterministically_and_ends_by_itself():
         assert engine.batch_model.device_seconds > 0
     finally:
         engine.close()
+
+
+def test_structured_outputs_are_refused_not_answered_with_junk():
+    from logic.protocol import StructuredOutput
+    from runners.engine_errors import EngineRequestError
+
+    engine = GenerationEngine(
+        lambda: model(fixed(device_s=0.001, launch_s=0.0)), device=torch.device("cpu"),
+        max_batch_size=4, max_batch_tokens=64,
+    )  # fmt: skip
+
+    async def ask(kind: str):
+        params = SamplingParams(max_new_tokens=8, structured=StructuredOutput(kind=kind))
+        return [chunk async for chunk in engine.stream([1, 2], params)]
+
+    try:
+        for kind, param in (("json_object", "response_format"), ("structural_tag", "tools")):
+            with pytest.raises(EngineRequestError) as caught:
+                asyncio.run(ask(kind))
+            assert caught.value.param == param and "not simulated" in str(caught.value)
+    finally:
+        engine.close()
+
+
+def test_logic_work_is_cpu_time_so_a_gil_holding_thread_delays_it():
+    from bench.steps import burn
+
+    stop = threading.Event()
+    hog = threading.Thread(target=_spin_forever, args=(stop,))
+    hog.start()
+    try:
+        took = timed(lambda: burn(0.1))
+    finally:
+        stop.set()
+        hog.join()
+    assert took > 0.15  # 100 ms of its own CPU, with the GIL shared: well over 100 ms of wall
