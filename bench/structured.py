@@ -46,47 +46,33 @@ def compile_times(engine: GenerationEngine) -> list[dict]:
         spec = StructuredOutput(
             kind="json_schema", json_schema=json.dumps(to_strict_json_schema(model))
         )
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            grammars.compile(spec)
-            times.append(time.perf_counter() - started)
-        found.append(
-            {"schema": model.__name__, "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
-        )
+        found.append(_compile_twice(grammars, model.__name__, spec))
     # Tool calls: the structural tag for the three tools of tests/e2e/test_tools, per mode.
-    from logic.protocol import ChatCompletionRequest
-    from logic.tools import plan_tools
-    from logic.tools import structured_output as tool_spec
-    from tests.e2e.test_tools import TOOLS
-
     for choice in ("auto", "required"):
-        request = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
-             "tool_choice": choice}
-        )  # fmt: skip
-        spec = tool_spec(plan_tools(request, native=False))
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            grammars.compile(spec)
-            times.append(time.perf_counter() - started)
-        found.append(
-            {"schema": f"tools ({choice})", "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
-        )
+        found.append(_compile_twice(grammars, f"tools ({choice})", tools_spec(choice)))
     return found
 
 
-def tools_auto_spec() -> StructuredOutput:
-    """``tool_choice`` auto over the three tools of tests/e2e/test_tools: free text until
-    ``<tool_call>`` (the prompts here are answered in text)."""
+def _compile_twice(grammars, name: str, spec: StructuredOutput) -> dict:
+    """``spec`` compiled cold, then again from the cache, in milliseconds."""
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        grammars.compile(spec)
+        times.append(time.perf_counter() - started)
+    return {"schema": name, "cold_ms": 1e3 * times[0], "cached_ms": 1e3 * times[1]}
+
+
+def tools_spec(choice: str) -> StructuredOutput:
+    """The constraint for ``tool_choice`` ``choice`` over the three tools of
+    tests/e2e/test_tools (``auto``: free text until ``<tool_call>``)."""
     from logic.protocol import ChatCompletionRequest
     from logic.tools import plan_tools
     from logic.tools import structured_output as tool_spec
     from tests.e2e.test_tools import TOOLS
 
     request = ChatCompletionRequest.model_validate(
-        {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
+        {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": choice}
     )
     return tool_spec(plan_tools(request, native=False))
 
@@ -140,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             throughput(engine, tokenizer, args.clients, args.tokens, json_spec)
         )
         tools = asyncio.run(
-            throughput(engine, tokenizer, args.clients, args.tokens, tools_auto_spec())
+            throughput(engine, tokenizer, args.clients, args.tokens, tools_spec("auto"))
         )
     finally:
         engine.close()
