@@ -29,7 +29,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
-	build containerize base-image bench bench-topology bench-topology-sim
+	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
+	test-containers base-image bench bench-topology bench-topology-sim
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,7 +64,7 @@ serve-monolith: serve
 
 # Everything but tests/load and tests/vllm (about 2 minutes here).
 test: model
-	$(PY) -m pytest -m "not load and not vllm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not load and not vllm and not containers" $(PYTEST_ARGS)
 
 # tests/vllm: the vLLM engine (vLLM's CPU build, in $(VLLM_VENV)) through real `bentoml serve`,
 # both topologies, against the native engine's answers. CI runs it; vLLM's first start
@@ -71,6 +72,16 @@ test: model
 test-vllm:
 	$(MAKE) ENGINE=vllm model
 	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider $(PYTEST_ARGS)
+
+# tests/containers: the three images built from this tree and run with a Docker engine (the
+# remote topology, the runner killed and restarted, the all-in-one image, compose on CPU); the
+# runner's images get the CPU torch. Skipped, saying why, without a reachable engine. Where
+# Docker Hub is out of reach: `make base-image`, then BASE_IMAGE=llm-bundle/python:3.11-debian.
+# About 6 minutes here the first time (the images' layers are cached after).
+test-containers: model
+	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory torch-wheel TORCH=cpu; fi
+	LLM_TEST_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m containers -s -p no:cacheprovider \
+		$(PYTEST_ARGS)
 
 # tests/load: 200 concurrent streams, a 5,000-request soak with a memory bound, schemathesis
 # against the served OpenAPI specs (a tiny model, loopback only; about 70 s here). CI runs it.
@@ -85,18 +96,64 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# A versioned Bento of this tree and the model (LLM_MODEL); STAGE labels it. ENGINE=vllm
-# builds bentofile.vllm.yaml: the same services, with vLLM (CUDA) in the lock for the runner.
+# Bentos and images. Three from one tree, each a versioned Bento of it and the model:
+#   make build / containerize                 the all-in-one: API and runner in one image
+#   make build-runner / containerize-runner   the runner alone: torch, the weights, the GPU
+#   make build-api / containerize-api         the API alone: no torch, no weights (CPU)
+# STAGE labels them. ENGINE=vllm: the all-in-one and runner Bentos lock vLLM (CUDA) for the
+# runner (bentofile.vllm.yaml). BASE_IMAGE: the images' base (`make base-image` builds one from
+# Debian's packages where Docker Hub cannot be reached). TORCH=cpu: images with the runner
+# install the CPU build of torch (a wheel packed in the Bento) instead of PyPI's CUDA build.
+# API_RUNNER_URL: where the API image looks for its runner unless LLM_RUNNER_URL says otherwise.
 STAGE ?= dev
+BASE_IMAGE ?= python:3.11-slim
+TORCH ?= cuda
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+API_RUNNER_URL ?= http://llm-runner:3000
 BENTO := $(if $(filter vllm,$(ENGINE)),llm-bundle-vllm,llm-bundle)
 BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.yaml)
+RUNNER_BENTO := $(if $(filter vllm,$(ENGINE)),$(BENTO),llm-bundle-runner)
+RUNNER_BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.runner.yaml)
 IMAGE ?= $(BENTO):latest
-build: model
-	$(VENV)/bin/bentoml build -f $(BENTOFILE) --label stage=$(STAGE)
+RUNNER_IMAGE ?= $(RUNNER_BENTO):latest
+API_IMAGE ?= llm-bundle-api:latest
+# BentoML turns BuildKit on unless told; Docker without buildx then fails with no message.
+export DOCKER_BUILDKIT ?= 0
+BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null)
 
-# The image of the latest Bento (needs a Docker engine; tags it $(IMAGE)).
+# wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
+# PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
+torch-wheel:
+	@rm -rf wheels && mkdir -p wheels
+ifeq ($(TORCH),cpu)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d wheels "$(TORCH_CPU_SPEC)" || \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: -d wheels "$(TORCH_CPU_SPEC)" \
+			--extra-index-url $(TORCH_CPU_INDEX)
+	@ls wheels/torch-*.whl > wheels/.torch
+else ifneq ($(TORCH),cuda)
+	$(error TORCH is cuda or cpu)
+endif
+
+build: model torch-wheel
+	$(BUILD_ENV) $(VENV)/bin/bentoml build -f $(BENTOFILE) --label stage=$(STAGE)
+
+build-runner: model torch-wheel
+	$(BUILD_ENV) $(VENV)/bin/bentoml build -f $(RUNNER_BENTOFILE) --label stage=$(STAGE)
+
+build-api: model
+	LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_RUNNER_URL=$(API_RUNNER_URL) \
+		$(VENV)/bin/bentoml build -f bentofile.api.yaml --label stage=$(STAGE)
+
+# The images of the latest Bentos (need a Docker engine).
 containerize: build
 	$(VENV)/bin/bentoml containerize $(BENTO):latest -t $(IMAGE)
+
+containerize-runner: build-runner
+	$(VENV)/bin/bentoml containerize $(RUNNER_BENTO):latest -t $(RUNNER_IMAGE)
+
+containerize-api: build-api
+	$(VENV)/bin/bentoml containerize llm-bundle-api:latest -t $(API_IMAGE)
 
 # The remote topology from this tree: the runner alone, and the API alone pointed at a runner.
 # `make serve-runner` on the GPU host, `make serve-api RUNNER_URL=http://GPU-HOST:3001`.
@@ -126,9 +183,10 @@ bench: model $(BENCH_STAMP)
 
 # A python:3.11-slim-like base image from Debian's packages (debootstrap), with the host's CA
 # certificates, for builds where Docker Hub cannot be reached. Needs root and a Docker engine.
-BASE_IMAGE ?= llm-bundle/python:3.11-debian
+# Then build on it: `make containerize-api BASE_IMAGE=llm-bundle/python:3.11-debian`.
+LOCAL_BASE_IMAGE ?= llm-bundle/python:3.11-debian
 base-image:
-	deploy/docker/base-image.sh $(BASE_IMAGE)
+	deploy/docker/base-image.sh $(LOCAL_BASE_IMAGE)
 
 # Monolith vs split vs remote, measured here: docs/topology/report.md, results.json and plots.
 # Knobs: TOPOLOGY_ARGS="--clients 1,4,16 --api-workers 2 --logic-ms 0,20 --topologies ..."

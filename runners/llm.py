@@ -22,10 +22,11 @@ import yaml
 from logic import logs
 from logic.auth import MetricsGuard
 from logic.protocol import SamplingParams, StructuredOutput
-from logic.settings import Settings, get_settings
+from logic.settings import TOKENIZER_SUFFIX, Settings, get_settings
 from runners.client import BUSY, INVALID, STOPPED
 from runners.engine_api import Engine, engine_metrics
 from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.image import bento_image
 from runners.traffic import fix_request_timeout
 
 if TYPE_CHECKING:
@@ -40,16 +41,26 @@ def pin_bento_model(settings: Settings, here: Path = Path(__file__)) -> None:
     A Bento lists its models by exact tag, but ``BentoModel("name")`` would take the newest
     ``name`` in the store; and a runner served alone (``--service-name LLMRunner``) does not
     get the env the Bento recorded. So when this file runs from ``<bento>/src/runners/`` and
-    ``LLM_MODEL`` is not set, the runner's model in ``<bento>/bento.yaml`` is the one served.
+    ``LLM_MODEL`` is not set, the runner's model in ``<bento>/bento.yaml`` is the one served
+    (in an API-only Bento, the version of the tokenizer entry the API recorded).
     """
     src = here.resolve().parents[1]
     bento_manifest = src.parent / "bento.yaml"
     if "model" in settings.model_fields_set or src.name != "src" or not bento_manifest.is_file():
         return
     manifest = yaml.safe_load(bento_manifest.read_text())
-    for service in manifest.get("services") or []:
-        if service.get("name") == "LLMRunner" and service.get("models"):
-            settings.model = service["models"][0]["tag"]
+    models = {
+        s.get("name"): [m["tag"] for m in s.get("models") or []]
+        for s in manifest.get("services") or []
+    }
+    if models.get("LLMRunner"):
+        settings.model = models["LLMRunner"][0]
+        return
+    # An API-only Bento (bentofile.api.yaml) holds the tokenizer entry: the same version.
+    for tag in models.get("ChatAPI", []):
+        name, _, version = tag.partition(":")
+        if name.endswith(TOKENIZER_SUFFIX):
+            settings.model = f"{name.removesuffix(TOKENIZER_SUFFIX)}:{version}"
 
 
 settings = get_settings()
@@ -132,6 +143,7 @@ if settings.runner_gpu_type:
     resources=_resources,
     workers=1,  # one process owns the device and schedules all requests on it
     traffic={"timeout": settings.runner_timeout, "concurrency": settings.runner_concurrency},
+    image=bento_image(settings, with_runner=True),  # a Bento of the runner alone
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)

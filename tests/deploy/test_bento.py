@@ -9,9 +9,11 @@ from importlib.metadata import requires, version
 from pathlib import Path
 
 import bentoml
+import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from logic.settings import TOKENIZER_SUFFIX
 from tests.conftest import TINY_MODEL
 from tests.deploy.conftest import BuiltBento
 from tests.served import ROOT
@@ -26,12 +28,38 @@ def _runtime_requirements() -> dict[str, Requirement]:
     return {r.name: r for r in requirements if r.marker is None and r.name not in IMPORT_ONLY}
 
 
-def test_bentofile_packages_are_the_projects_runtime_dependencies():
-    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    packed = {r.name: r for r in map(Requirement, bentofile["python"]["packages"])}
+def _packages(bentofile: str) -> dict[str, str]:
+    config = yaml.safe_load((ROOT / bentofile).read_text())
+    return {r.name: str(r) for r in map(Requirement, config["python"]["packages"])}
+
+
+# What only the runner imports: the API's Bento leaves them out (its image has no torch).
+RUNNER_ONLY = {"torch", "transformers", "safetensors", "xgrammar", "numpy"}
+
+
+@pytest.mark.parametrize("bentofile", ["bentofile.yaml", "bentofile.runner.yaml"])
+def test_bentofile_packages_are_the_projects_runtime_dependencies(bentofile):
     expected = _runtime_requirements()
     del expected["bentoml"]  # `bentoml build` adds the version that built the Bento
-    assert {n: str(r) for n, r in packed.items()} == {n: str(r) for n, r in expected.items()}
+    assert _packages(bentofile) == {n: str(r) for n, r in expected.items()}
+
+
+def test_the_api_bentofile_has_the_runtime_dependencies_but_the_runners():
+    expected = {n: str(r) for n, r in _runtime_requirements().items() if n not in RUNNER_ONLY}
+    del expected["bentoml"]
+    assert _packages("bentofile.api.yaml") == expected
+
+
+@pytest.mark.parametrize(
+    "bentofile",
+    ["bentofile.yaml", "bentofile.api.yaml", "bentofile.runner.yaml", "bentofile.vllm.yaml"],
+)
+def test_no_bentofile_has_a_docker_section_that_would_bring_back_the_compilers(bentofile):
+    """runners/image.py sets the image; a `docker:` section's distro would re-add BentoML's
+    apt-get layer of build-essential and git (630 MB)."""
+    config = yaml.safe_load((ROOT / bentofile).read_text())
+    assert "docker" not in config
+    assert {"name": "UV_NO_CACHE", "value": "1"} in config["envs"]
 
 
 def test_the_bento_records_services_resources_model_labels_and_envs(
@@ -49,8 +77,10 @@ def test_the_bento_records_services_resources_model_labels_and_envs(
     assert runner["config"]["resources"] == {"gpu": 1, "gpu_type": "nvidia-l4", "memory": "24Gi"}
     assert runner["config"]["workers"] == 1
     assert runner["config"]["traffic"]["concurrency"] == 64
-    for service in (api, runner):  # the exact model version, not "latest"
-        assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
+    # The exact model version, not "latest"; the API's is the tokenizer entry (no weights).
+    name, version = tiny_model_tag.split(":")
+    assert [m["tag"] for m in runner["models"]] == [tiny_model_tag]
+    assert [m["tag"] for m in api["models"]] == [f"{name}{TOKENIZER_SUFFIX}:{version}"]
 
     labels = manifest["labels"]
     assert labels["model"] == TINY_MODEL and labels["stage"] == "test" and labels["owner"]
@@ -96,6 +126,7 @@ def test_the_image_packs_the_model_and_its_entrypoint_serves_either_service(
     assert any(f.endswith(".safetensors") for f in packed_files)
     assert lock_in_context
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    assert "apt-get" not in dockerfile and "build-essential" not in dockerfile  # wheels only
     # The model the Bento was built with is the one the image serves.
     assert re.search(rf"^ARG LLM_MODEL={TINY_MODEL}$", dockerfile, re.M)
     assert re.search(r"^ENV LLM_MODEL=\$LLM_MODEL$", dockerfile, re.M)
@@ -131,6 +162,14 @@ def test_a_bento_serves_the_model_version_it_recorded_unless_llm_model_says_othe
     chosen = Settings(model="chat-model:def456")  # as LLM_MODEL would set it
     pin_bento_model(chosen, here=module)
     assert chosen.model == "chat-model:def456"
+
+    # An API-only Bento records the tokenizer entry: the API serves that version's model id.
+    api_only = [{"name": "ChatAPI", "models": [{"tag": f"chat-model{TOKENIZER_SUFFIX}:abc123"}]}]
+    (tmp_path / "bento" / "bento.yaml").write_text(yaml.safe_dump({"services": api_only}))
+    api = Settings()
+    pin_bento_model(api, here=module)
+    assert api.model == "chat-model:abc123"
+    assert api.tokenizer_model == f"chat-model{TOKENIZER_SUFFIX}:abc123"
 
     from_source = Settings()  # a source tree: no <bento>/bento.yaml above it
     pin_bento_model(from_source, here=ROOT / "runners" / "llm.py")

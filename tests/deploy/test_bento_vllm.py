@@ -25,7 +25,7 @@ def vllm_bento(tiny_model_tag: str) -> BuiltBento:
 def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
     default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     vllm = yaml.safe_load((ROOT / "bentofile.vllm.yaml").read_text())
-    assert vllm.pop("envs") == [{"name": "LLM_ENGINE", "value": "vllm"}]
+    assert vllm["envs"].pop() == {"name": "LLM_ENGINE", "value": "vllm"}
     assert vllm.pop("name") == "llm-bundle-vllm"
     assert vllm["labels"].pop("engine") == "vllm"
     extra = vllm["python"]["packages"].pop()
@@ -45,8 +45,9 @@ def test_the_vllm_bento_records_the_engine_vllm_and_the_runners_gpus(vllm_bento,
     services = {s["name"]: s for s in manifest["services"]}
     assert services["LLMRunner"]["config"]["resources"]["gpu"] == 2  # tensor parallel size
     assert "gpu" not in services["ChatAPI"]["config"]["resources"]
-    for service in services.values():
-        assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
+    name, version = tiny_model_tag.split(":")
+    assert [m["tag"] for m in services["LLMRunner"]["models"]] == [tiny_model_tag]
+    assert [m["tag"] for m in services["ChatAPI"]["models"]] == [f"{name}-tokenizer:{version}"]
 
     packed = {p.relative_to(path / "src").as_posix() for p in (path / "src").rglob("*.py")}
     assert {"service.py", "runners/vllm_engine.py", "runners/engine_api.py"} <= packed

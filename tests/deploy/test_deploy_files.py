@@ -64,16 +64,18 @@ def test_a_manifest_with_an_unknown_field_is_refused():
         kubernetes_validate.validate(broken, kubernetes_validate.utils.latest_version(), True)
 
 
-def test_api_and_runner_are_two_deployments_of_one_image_wired_by_the_runner_service():
+def test_api_and_runner_are_two_deployments_of_their_own_images_wired_by_the_runner_service():
     objects = _k8s_objects()
     api, runner = (_one(objects, "Deployment", n) for n in ("llm-api", "llm-runner"))
-    assert _container(api)["image"] == _container(runner)["image"]
+    # The API's image has no torch and no weights; the runner's has both (tests/containers).
+    assert _container(api)["image"] == "llm-bundle-api"
+    assert _container(runner)["image"] == "llm-bundle-runner"
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    assert {i["name"] for i in kustomization["images"]} == {"llm-bundle-api", "llm-bundle-runner"}
 
     assert _container(runner)["args"][:3] == ["start-http-server", "--service-name", "LLMRunner"]
-    api_args = _container(api)["args"]
-    depends = api_args[api_args.index("--depends") + 1]
-    name, url = depends.split("=", 1)
-    assert name == "LLMRunner"
+    assert "--depends" not in _container(api)["args"]
+    url = {e["name"]: e.get("value") for e in _container(api)["env"]}["LLM_RUNNER_URL"]
     service = _one(objects, "Service", "llm-runner")
     assert url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     for deployment in (api, runner):  # each Service selects its Deployment's pods
@@ -178,9 +180,8 @@ def test_the_vllm_configs_select_the_vllm_bento_and_engine():
     assert cloud["services"]["ChatAPI"] == default["services"]["ChatAPI"]  # the API unchanged
     config = _one(_k8s_objects(), "ConfigMap", "llm-bundle-config")
     assert config["data"]["LLM_ENGINE"] == "auto"  # vLLM where the image has it and a GPU
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    runner = compose["services"]["runner"]
-    assert runner["image"] == "${LLM_BUNDLE_IMAGE:-llm-bundle:latest}"
+    runner = _compose()["services"]["llm-runner"]
+    assert runner["image"] == "${LLM_RUNNER_IMAGE:-llm-bundle-runner:latest}"
     assert runner["environment"]["LLM_ENGINE"] == "${LLM_ENGINE:-auto}"
 
 
@@ -196,18 +197,43 @@ def test_the_key_check_refuses_a_misspelt_key():
 # ---------------------------------------------------------------- docker compose
 
 
-def test_compose_runs_the_runner_on_a_gpu_and_the_api_pointed_at_it():
+def _compose(*overrides: str) -> dict:
+    """deploy/compose.yaml with override files merged over it, as compose merges mappings
+    (enough for these files: none of them repeats a list)."""
+
+    def merge(base: dict, override: dict) -> dict:
+        merged = dict(base)
+        for key, value in override.items():
+            both_maps = isinstance(value, dict) and isinstance(base.get(key), dict)
+            merged[key] = merge(base[key], value) if both_maps else value
+        return merged
+
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    runner, api = compose["services"]["runner"], compose["services"]["api"]
-    assert runner["image"] == api["image"]
+    for name in overrides:
+        compose = merge(compose, yaml.safe_load((DEPLOY / name).read_text()))
+    return compose
+
+
+def test_compose_runs_the_runner_image_and_the_api_image_pointed_at_it():
+    compose = _compose()
+    runner, api = compose["services"]["llm-runner"], compose["services"]["api"]
+    assert runner["image"] == "${LLM_RUNNER_IMAGE:-llm-bundle-runner:latest}"
+    assert api["image"] == "${LLM_API_IMAGE:-llm-bundle-api:latest}"
     assert runner["command"][:3] == ["start-http-server", "--service-name", "LLMRunner"]
-    depends = api["command"][api["command"].index("--depends") + 1]
-    assert depends == "LLMRunner=http://runner:3000"
-    (device,) = runner["deploy"]["resources"]["reservations"]["devices"]
-    assert device["capabilities"] == ["gpu"]
-    assert api["depends_on"]["runner"]["condition"] == "service_healthy"
+    assert api["environment"]["LLM_RUNNER_URL"] == "http://llm-runner:3000"
+    assert api["depends_on"]["llm-runner"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(runner["healthcheck"]["test"])
-    assert api["ports"] == ["3000:3000"]
+    assert api["ports"] == ["${LLM_API_PORT:-3000}:3000"]
+    assert "deploy" not in runner  # the hardware is an override's choice
+
+
+def test_the_gpu_override_reserves_a_gpu_and_the_cpu_one_none():
+    gpu = _compose("compose.gpu.yaml")["services"]["llm-runner"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert gpu["environment"]["LLM_DEVICE"] == "cuda"
+    cpu = _compose("compose.cpu.yaml")["services"]["llm-runner"]
+    assert "deploy" not in cpu and cpu["environment"]["LLM_DEVICE"] == "cpu"
 
 
 def _grace(args: list[str]) -> int:
@@ -227,6 +253,6 @@ def test_pods_drain_answers_in_flight_before_kubernetes_kills_them(name):
 
 
 def test_compose_gives_the_same_grace_period():
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose = _compose()
     for service in compose["services"].values():
         assert _grace(service["command"]) < int(service["stop_grace_period"].rstrip("s"))

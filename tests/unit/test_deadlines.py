@@ -40,7 +40,9 @@ def test_a_quiet_stream_stops_after_the_idle_timeout_and_is_closed():
     started = time.monotonic()
     with pytest.raises(GenerationTimeoutError) as raised:
         asyncio.run(drain(source, total=None, idle=0.2))
-    assert 0.2 <= time.monotonic() - started < 1.0
+    # Not before the idle timeout; the upper bound only has to tell "stopped" from "hung" (a
+    # loaded machine once took 1.16 s here, event loop start-up included).
+    assert 0.2 <= time.monotonic() - started < 3.0
     assert raised.value.status_code == 504 and raised.value.code == "timeout"
     assert "sent nothing" in raised.value.message
     assert source.closed  # the generation is cancelled, not left running

@@ -1,0 +1,154 @@
+"""Two Bentos from one tree: the runner's (bentofile.runner.yaml: torch, the weights, the GPU)
+and the API's (bentofile.api.yaml: no torch, no weights), what each records and packs, and
+the two served from the store as their containers would serve them (tests/containers runs
+the images themselves where a Docker engine is reachable)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import openai
+import pytest
+
+from logic.settings import TOKENIZER_SUFFIX, Settings
+from runners.image import PREBUILT_DISTRO, bento_image
+from tests.deploy.conftest import BUILD_ENV, BuiltBento, build_bento
+from tests.served import START_HTTP_SERVER, ServedProcess, free_port
+
+RUNNER_URL = "http://llm-runner:3000"
+BASE = "registry.example.com/base/python:3.11"
+# The runner's packages: none of them, nor CUDA, may reach the API's lock.
+# (nvidia-ml-py, which BentoML itself needs, is a small NVML binding, not CUDA.)
+RUNNER_PACKAGES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "xgrammar",
+    "triton",
+    "vllm",
+    "nvidia-cu",
+    "nvidia-nccl",
+)
+
+
+@pytest.fixture(scope="module")
+def api_bento(tiny_model_tag: str) -> BuiltBento:
+    env = {**BUILD_ENV, "LLM_RUNNER_URL": RUNNER_URL, "LLM_BASE_IMAGE": BASE}
+    return build_bento(env, "-f", "bentofile.api.yaml", "--label", "stage=test")
+
+
+@pytest.fixture(scope="module")
+def runner_bento(tiny_model_tag: str) -> BuiltBento:
+    return build_bento(BUILD_ENV, "-f", "bentofile.runner.yaml")
+
+
+def _lock(bento: BuiltBento) -> dict[str, str]:
+    lock = (bento.path / "env" / "python" / "requirements.txt").read_text()
+    return {
+        n.lower().replace("_", "-"): v for n, v in re.findall(r"^([\w.\-]+)==(\S+)", lock, re.M)
+    }
+
+
+def _dockerfile(bento: BuiltBento) -> tuple[str, set[str]]:
+    """The Dockerfile `bentoml containerize` would build, and the model files it packs."""
+    from bentoml._internal.container import construct_containerfile
+
+    with construct_containerfile(bentoml.bentos.get(bento.tag)) as (context, dockerfile):
+        models = Path(context) / "models"
+        packed = {p.relative_to(models).as_posix() for p in models.rglob("*") if p.is_file()}
+        return Path(dockerfile).read_text(), packed
+
+
+def test_the_api_bento_holds_the_api_alone_with_its_runner_as_a_url(api_bento, tiny_model_tag):
+    manifest = api_bento.manifest
+    assert manifest["entry_service"] == "ChatAPI"
+    (api,) = manifest["services"]  # no LLMRunner in its graph
+    assert api["dependencies"] == [{"url": RUNNER_URL}]
+    name, version = tiny_model_tag.split(":")
+    assert [m["tag"] for m in api["models"]] == [f"{name}{TOKENIZER_SUFFIX}:{version}"]
+    envs = {e["name"]: e["value"] for e in manifest["envs"]}
+    assert envs["LLM_RUNNER_URL"] == RUNNER_URL  # the image's default; docker run -e overrides
+    assert manifest["labels"]["component"] == "api"
+
+
+def test_the_api_bentos_lock_and_image_have_no_torch_and_no_weights(api_bento, tiny_model_tag):
+    lock = _lock(api_bento)
+    assert {"bentoml", "tokenizers", "jinja2", "jsonschema", "pydantic-settings"} <= lock.keys()
+    assert not [n for n in lock if n.startswith(RUNNER_PACKAGES)]
+    dockerfile, packed = _dockerfile(api_bento)
+    assert re.search(rf"^FROM {re.escape(BASE)} ", dockerfile, re.M)  # LLM_BASE_IMAGE
+    assert "apt-get" not in dockerfile
+    name, version = tiny_model_tag.split(":")
+    assert {p.split("/")[0] for p in packed} == {f"{name}{TOKENIZER_SUFFIX}"}  # that entry only
+    assert {"tokenizer.json", "chat_template.jinja", "config.json"} <= {
+        Path(p).name for p in packed
+    }
+    assert not [p for p in packed if p.endswith((".safetensors", ".bin", ".gguf"))]
+
+
+def test_the_runner_bento_holds_the_runner_its_weights_and_cuda_torch(runner_bento, tiny_model_tag):
+    manifest = runner_bento.manifest
+    assert manifest["entry_service"] == "LLMRunner"
+    (runner,) = manifest["services"]
+    assert [m["tag"] for m in runner["models"]] == [tiny_model_tag]
+    assert runner["config"]["resources"] == {"gpu": 1, "gpu_type": "nvidia-l4", "memory": "24Gi"}
+    lock = _lock(runner_bento)
+    assert {"torch", "transformers", "xgrammar"} <= lock.keys()
+    assert any(n.startswith("nvidia-cuda-runtime") for n in lock)  # PyPI's torch: CUDA
+    dockerfile, packed = _dockerfile(runner_bento)
+    assert re.search(r"^FROM python:3\.11-slim ", dockerfile, re.M)  # the default base
+    assert "apt-get" not in dockerfile
+    assert any(p.endswith(".safetensors") for p in packed)
+
+
+def test_a_torch_wheel_goes_only_into_images_that_run_the_model():
+    settings = Settings(torch_wheel="wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+    runner = bento_image(settings, with_runner=True)
+    assert "./wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl" in runner.python_requirements
+    assert "torch" not in bento_image(settings, with_runner=False).python_requirements
+    # A distro BentoML does not know: its image builder adds no apt-get layer of compilers.
+    assert runner.distro == PREBUILT_DISTRO and runner.commands == []
+    assert runner.base_image == "python:3.11-slim"
+
+
+# ---------------------------------------------------------------- the two, served
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    return {**env, "LLM_API_WORKERS": "1", "BENTOML_DO_NOT_TRACK": "true", **extra}
+
+
+@pytest.fixture
+def served_pair(api_bento, runner_bento) -> Iterator[tuple[ServedProcess, ServedProcess]]:
+    """Each Bento's entry service, started the way its container starts it; the API pointed
+    at the runner by LLM_RUNNER_URL over the URL its Bento recorded."""
+    runner = ServedProcess(
+        [*START_HTTP_SERVER, runner_bento.tag], port=free_port(), env=_env(LLM_DEVICE="cpu")
+    )
+    with runner:
+        api = ServedProcess(
+            [*START_HTTP_SERVER, api_bento.tag],
+            port=free_port(),
+            env=_env(LLM_RUNNER_URL=runner.url),
+        )
+        with api:
+            yield api, runner
+
+
+def test_the_api_bento_serves_through_the_runner_bento_without_loading_torch(served_pair):
+    api, runner = served_pair
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert chat.usage.completion_tokens > 0
+    api_tree = [api.process, *api.process.children(recursive=True)]
+    mapped = {m.path for p in api_tree for m in p.memory_maps()}
+    assert not [path for path in mapped if "torch" in path]
+    runner_tree = [runner.process, *runner.process.children(recursive=True)]
+    assert [p for p in runner_tree for m in p.memory_maps() if "libtorch" in m.path]
