@@ -78,10 +78,11 @@ test-vllm:
 # runner's images get the CPU torch. Skipped, saying why, without a reachable engine. Where
 # Docker Hub is out of reach: `make base-image`, then BASE_IMAGE=llm-bundle/python:3.11-debian.
 # About 6 minutes here the first time (the images' layers are cached after).
+# wheels/ is emptied after, pass or fail: a wheel left there would be packed by later builds.
 test-containers: model
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory torch-wheel TORCH=cpu; fi
-	LLM_TEST_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m containers -s -p no:cacheprovider \
-		$(PYTEST_ARGS)
+	status=0; LLM_TEST_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m containers -s \
+		-p no:cacheprovider $(PYTEST_ARGS) || status=$$?; rm -rf wheels; exit $$status
 
 # tests/load: 200 concurrent streams, a 5,000-request soak with a memory bound, schemathesis
 # against the served OpenAPI specs (a tiny model, loopback only; about 70 s here). CI runs it.
@@ -120,7 +121,9 @@ RUNNER_IMAGE ?= $(RUNNER_BENTO):latest
 API_IMAGE ?= llm-bundle-api:latest
 # BentoML turns BuildKit on unless told; Docker without buildx then fails with no message.
 export DOCKER_BUILDKIT ?= 0
-BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null)
+# LLM_RUNNER_URL emptied: one exported in the shell would make any Bento an API-only one.
+BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null) \
+	LLM_RUNNER_URL=
 
 # wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
 # PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
@@ -183,10 +186,11 @@ bench: model $(BENCH_STAMP)
 
 # A python:3.11-slim-like base image from Debian's packages (debootstrap), with the host's CA
 # certificates, for builds where Docker Hub cannot be reached. Needs root and a Docker engine.
-# Then build on it: `make containerize-api BASE_IMAGE=llm-bundle/python:3.11-debian`.
+# Then build on it: `make containerize-api BASE_IMAGE=llm-bundle/python:3.11-debian`. Its tag:
+# BASE_IMAGE when set to another than the default, else llm-bundle/python:3.11-debian.
 LOCAL_BASE_IMAGE ?= llm-bundle/python:3.11-debian
 base-image:
-	deploy/docker/base-image.sh $(LOCAL_BASE_IMAGE)
+	deploy/docker/base-image.sh $(if $(filter python:3.11-slim,$(BASE_IMAGE)),$(LOCAL_BASE_IMAGE),$(BASE_IMAGE))
 
 # Monolith vs split vs remote, measured here: docs/topology/report.md, results.json and plots.
 # Knobs: TOPOLOGY_ARGS="--clients 1,4,16 --api-workers 2 --logic-ms 0,20 --topologies ..."

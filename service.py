@@ -441,13 +441,12 @@ class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
 
     # The runner: served beside this API, or, with LLM_RUNNER_URL, a runner elsewhere. Then
-    # the runner is no part of this service's graph: `bentoml serve` starts no runner, and a
-    # Bento built so holds the API alone (no runner code path runs, no torch, no weights).
-    runner = (
-        bentoml.depends(url=settings.runner_url)
-        if settings.runner_url
-        else bentoml.depends(LLMRunner)
-    )
+    # no BentoML dependency is declared at all: the runner is no part of this service's graph
+    # (`bentoml serve` starts none, and a Bento built so holds the API alone: no torch, no
+    # weights), and nothing asks the runner for anything before a request does. (A
+    # `bentoml.depends(url=...)` would: BentoML fetches its schema when a worker starts, so an
+    # API started before its runner, or while it restarts, would fail to start.)
+    runner = None if settings.runner_url else bentoml.depends(LLMRunner)
     # The model's tokenizer entry (runners/import_model.py): tokenizer, template and config,
     # not the weights, which only the runner declares.
     model = bentoml.models.BentoModel(settings.tokenizer_model)
@@ -518,14 +517,16 @@ class ChatAPI(NativeAPI):
 
 
 def _runner_url(service: type) -> str | None:
-    """Where the runner dependency points, without resolving it: its own ``url``, else the
-    runner mapping that ``bentoml serve`` (and ``--depends``) hands each worker, which is
-    what ``bentoml.depends`` itself reads. None: BentoML would build the runner in-process."""
+    """Where the runner is, without resolving the dependency: the runner mapping that
+    ``bentoml serve`` (and ``--depends LLMRunner=URL``) hands each worker, which is what
+    ``bentoml.depends`` itself reads, else ``LLM_RUNNER_URL``. None: BentoML would build
+    the runner in-process."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    dependency = inspect.getattr_static(service, "runner")
     mapping = BentoMLContainer.remote_runner_mapping.get()
-    return dependency.url or mapping.get(dependency.on.name)
+    dependency = inspect.getattr_static(service, "runner")
+    name = dependency.on.name if dependency is not None else LLMRunner.name
+    return mapping.get(name) or settings.runner_url or None
 
 
 # ---------------------------------------------------------------- monolith: one process

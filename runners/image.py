@@ -14,6 +14,8 @@ services. The Python packages stay in the bentofiles; this sets what goes under 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bentoml.images import Image
 
 from logic.settings import Settings
@@ -32,5 +34,11 @@ def bento_image(settings: Settings, *, with_runner: bool) -> Image:
     if with_runner and settings.torch_wheel:
         # A path inside the build context: the Bento packs it under src/wheels/, and BentoML
         # installs it from there, so the image needs no index that has it.
-        image.python_packages(f"./{settings.torch_wheel.removeprefix('./')}")
+        wheel = settings.torch_wheel.removeprefix("./")
+        if not (wheel.startswith("wheels/") and wheel.endswith(".whl") and Path(wheel).is_file()):
+            raise ValueError(
+                f"LLM_TORCH_WHEEL={settings.torch_wheel!r}: name a .whl file under wheels/ in the "
+                "project (`make torch-wheel TORCH=cpu` puts the CPU build there)"
+            )
+        image.python_packages(f"./{wheel}")
     return image

@@ -105,18 +105,18 @@ class Images:
         if image in self.built:
             return self.built[image]
         started = time.monotonic()
+        built = self._bentoml(env, "build", "-f", bentofile, "--output", "tag")
+        bento = re.search(r"__tag__:(\S+)", built).group(1)
+        self._bentoml(env, "containerize", bento, "-t", image)
+        size = int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
+        FIGURES[f"{image} size (MB)"] = round(size / 1e6)
+        FIGURES[f"{image} build (s)"] = round(time.monotonic() - started)
+        self.built[image] = bento
+        return bento
+
+    def _bentoml(self, env: dict[str, str], *args: str) -> str:
         result = subprocess.run(
-            [BENTOML, "build", "-f", bentofile, "--output", "tag"],
-            cwd=ROOT,
-            env={**self.env, **env},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        bento = re.search(r"__tag__:(\S+)", result.stdout).group(1)
-        result = subprocess.run(
-            [BENTOML, "containerize", bento, "-t", image],
+            [BENTOML, *args],
             cwd=ROOT,
             env={**self.env, **env},
             capture_output=True,
@@ -124,11 +124,7 @@ class Images:
             timeout=1800,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        size = int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
-        FIGURES[f"{image} size (MB)"] = round(size / 1e6)
-        FIGURES[f"{image} build (s)"] = round(time.monotonic() - started)
-        self.built[image] = bento
-        return bento
+        return result.stdout
 
     def api(self) -> str:
         image = f"llm-bundle-api:{TAG}"

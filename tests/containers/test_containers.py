@@ -203,7 +203,8 @@ def test_compose_brings_the_topology_up_on_cpu(images: Images):
         up = _compose(*project, "up", "-d", env=env, timeout=600)
         assert up.returncode == 0, up.stdout + up.stderr
         url = f"http://127.0.0.1:{port}"
-        Container("llm-bundle-test_api_1", url).ready(timeout=300)
+        api_id = _compose(*project, "ps", "-q", "api", env=env).stdout.strip()  # v1 or v2 names
+        Container(api_id, url).ready(timeout=300)
         assert "Paris" in _ask(url)
         assert "Paris" in _ask_streamed(url)
     finally:

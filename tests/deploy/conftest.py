@@ -21,6 +21,8 @@ BUILD_ENV = {
     "LLM_API_WORKERS": "3",
     "LLM_RUNNER_GPU_TYPE": "nvidia-l4",
     "LLM_RUNNER_MEMORY": "24Gi",
+    "LLM_RUNNER_URL": "",  # one exported in the shell would make an API-only Bento
+    "LLM_TORCH_WHEEL": "",
 }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
+import httpx
 import openai
 import pytest
 
@@ -20,6 +21,7 @@ from tests.deploy.conftest import BUILD_ENV, BuiltBento, build_bento
 from tests.served import START_HTTP_SERVER, ServedProcess, free_port
 
 RUNNER_URL = "http://llm-runner:3000"
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 BASE = "registry.example.com/base/python:3.11"
 # The runner's packages: none of them, nor CUDA, may reach the API's lock.
 # (nvidia-ml-py, which BentoML itself needs, is a small NVML binding, not CUDA.)
@@ -66,8 +68,8 @@ def _dockerfile(bento: BuiltBento) -> tuple[str, set[str]]:
 def test_the_api_bento_holds_the_api_alone_with_its_runner_as_a_url(api_bento, tiny_model_tag):
     manifest = api_bento.manifest
     assert manifest["entry_service"] == "ChatAPI"
-    (api,) = manifest["services"]  # no LLMRunner in its graph
-    assert api["dependencies"] == [{"url": RUNNER_URL}]
+    (api,) = manifest["services"]  # no LLMRunner in its graph, no dependency BentoML resolves
+    assert api["dependencies"] == []
     name, version = tiny_model_tag.split(":")
     assert [m["tag"] for m in api["models"]] == [f"{name}{TOKENIZER_SUFFIX}:{version}"]
     envs = {e["name"]: e["value"] for e in manifest["envs"]}
@@ -105,14 +107,22 @@ def test_the_runner_bento_holds_the_runner_its_weights_and_cuda_torch(runner_ben
     assert any(p.endswith(".safetensors") for p in packed)
 
 
-def test_a_torch_wheel_goes_only_into_images_that_run_the_model():
-    settings = Settings(torch_wheel="wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the build context
+    wheel = Path("wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"")
+    settings = Settings(torch_wheel=str(wheel))
     runner = bento_image(settings, with_runner=True)
-    assert "./wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl" in runner.python_requirements
+    assert f"./{wheel}" in runner.python_requirements
     assert "torch" not in bento_image(settings, with_runner=False).python_requirements
     # A distro BentoML does not know: its image builder adds no apt-get layer of compilers.
     assert runner.distro == PREBUILT_DISTRO and runner.commands == []
     assert runner.base_image == "python:3.11-slim"
+    # A wheel outside the build context would be locked from a path the image does not have.
+    for elsewhere in (f"/opt/{wheel}", "wheels/missing.whl", "torch.tar.gz"):
+        with pytest.raises(ValueError, match="LLM_TORCH_WHEEL"):
+            bento_image(Settings(torch_wheel=elsewhere), with_runner=True)
 
 
 # ---------------------------------------------------------------- the two, served
@@ -152,3 +162,30 @@ def test_the_api_bento_serves_through_the_runner_bento_without_loading_torch(ser
     assert not [path for path in mapped if "torch" in path]
     runner_tree = [runner.process, *runner.process.children(recursive=True)]
     assert [p for p in runner_tree for m in p.memory_maps() if "libtorch" in m.path]
+
+
+def test_the_api_bento_starts_before_its_runner_answers_503_then_serves_once_it_is_up(
+    api_bento, runner_bento
+):
+    """Kubernetes and compose may start the API first, or restart the runner under it: the API
+    must start and answer 503 with Retry-After meanwhile, not fail to start."""
+    runner_port = free_port()
+    api = ServedProcess(
+        [*START_HTTP_SERVER, api_bento.tag],
+        port=free_port(),
+        env=_env(
+            LLM_RUNNER_URL=f"http://127.0.0.1:{runner_port}", LLM_READY_REQUIRES_RUNNER="false"
+        ),
+    )
+    with api:
+        away = httpx.post(f"{api.url}/v1/chat/completions", json=CHAT, timeout=30)
+        assert away.status_code == 503 and int(away.headers["retry-after"]) >= 1
+        assert away.json()["error"]["code"] == "runner_unavailable"
+        runner = ServedProcess(
+            [*START_HTTP_SERVER, runner_bento.tag], port=runner_port, env=_env(LLM_DEVICE="cpu")
+        )
+        with runner:
+            assert (
+                httpx.post(f"{api.url}/v1/chat/completions", json=CHAT, timeout=60).status_code
+                == 200
+            )
