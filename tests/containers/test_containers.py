@@ -4,6 +4,7 @@ again under the API, the all-in-one image, and deploy/compose.yaml brought up on
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -146,6 +147,35 @@ def test_a_runner_container_killed_mid_answer_gives_503s_then_the_api_recovers(t
     )
     assert "Paris" in _ask(api.url)
     assert docker("inspect", "-f", "{{.State.StartedAt}}", api.name).stdout == api_started
+
+
+def test_a_runner_container_stopped_with_docker_stop_finishes_the_answers_in_flight(topology):
+    """`docker stop` (SIGTERM to the image's entrypoint, which execs `bentoml serve`): the
+    runner drains, so a stream in flight ends with its finish reason, not an error."""
+    api, runner = topology
+    outcome = Outcome()
+    thread = _start(_stream, api.url, 160, outcome)
+    assert outcome.first_token.wait(60) and outcome.error is None
+    started = time.monotonic()
+    docker("stop", "-t", "120", runner.name, timeout=180)
+    FIGURES["runner container: docker stop with a stream in flight (s)"] = round(
+        time.monotonic() - started, 1
+    )
+    thread.join(30)
+    assert outcome.status == 200 and outcome.error is None
+    assert outcome.events[-1][1] == "[DONE]"
+    last = json.loads(outcome.events[-2][1])
+    assert "error" not in last and last["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert docker("inspect", "-f", "{{.State.ExitCode}}", runner.name).stdout.strip() == "0"
+
+    away = httpx.post(
+        f"{api.url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8}, timeout=30
+    )
+    assert away.status_code == 503 and away.headers["retry-after"]
+    docker("start", runner.name)
+    runner.ready()
+    api.ready(timeout=60)
+    assert "Paris" in _ask(api.url)
 
 
 # ---------------------------------------------------------------- all-in-one
