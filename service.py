@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import time
@@ -466,7 +465,7 @@ class ChatAPI(NativeAPI):
         ``to_asgi``); a served API without a runner URL refuses to start rather than load the
         model onto a CPU worker.
         """
-        url = _runner_url(type(self))
+        url = _runner_url()
         if not url:
             if bentoml.server_context.worker_index is not None:
                 raise RuntimeError(
@@ -516,7 +515,7 @@ class ChatAPI(NativeAPI):
             yield chunk
 
 
-def _runner_url(service: type) -> str | None:
+def _runner_url() -> str | None:
     """Where the runner is, without resolving the dependency: the runner mapping that
     ``bentoml serve`` (and ``--depends LLMRunner=URL``) hands each worker, which is what
     ``bentoml.depends`` itself reads, else ``LLM_RUNNER_URL``. None: BentoML would build
@@ -524,9 +523,7 @@ def _runner_url(service: type) -> str | None:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     mapping = BentoMLContainer.remote_runner_mapping.get()
-    dependency = inspect.getattr_static(service, "runner")
-    name = dependency.on.name if dependency is not None else LLMRunner.name
-    return mapping.get(name) or settings.runner_url or None
+    return mapping.get(LLMRunner.name) or settings.runner_url or None
 
 
 # ---------------------------------------------------------------- monolith: one process

