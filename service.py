@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import bentoml
-import httpx
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,21 +33,29 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.runner_client import RunnerClient, read_chunks
+from contract.errors import EngineError
+from contract.settings import tokenizer_tag
+from contract.tokens import GenerationChunk, SamplingParams
+from glue.auth import MetricsGuard, bearer_matches
+from glue.bento import RUNNER_SERVICE, pin_bento_model, runner_mapping_url
+from glue.image import bento_image
+from glue.logs import configure_worker_logging, incoming_request_id, request_id
+from glue.request_timeout import fix_request_timeout
+from glue.settings import build_settings
 from logic import metrics
-from logic.auth import MetricsGuard, bearer_matches
 from logic.chat import ChatCompletionService, TokenGenerator
 from logic.errors import (
     APIError,
     AuthenticationError,
     InternalServerError,
     InvalidRequestError,
-    ModelBusyError,
     RateLimitError,
     RequestTooLargeError,
     RunnerUnavailableError,
+    from_engine_error,
     from_validation_error,
 )
-from logic.logs import incoming_request_id, request_id
 from logic.model_files import ModelFiles
 from logic.openapi import openapi_spec
 from logic.protocol import (
@@ -56,25 +63,20 @@ from logic.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     CompletionRequest,
-    GenerationChunk,
     GenerationRequest,
-    SamplingParams,
 )
 from logic.settings import get_settings
-from runners.client import (
-    RunnerBusyError,
-    RunnerClient,
-    RunnerRequestError,
-    RunnerStoppedError,
-    read_chunks,
-)
-from runners.engine_api import engine_metrics
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
-from runners.image import bento_image
-from runners.llm import LLMRunner, configure_worker_logging, create_engine
 
 logger = logging.getLogger(__name__)
-settings = get_settings()
+# Inside a built Bento, the model version it recorded (glue/bento.py).
+settings = pin_bento_model(get_settings())
+fix_request_timeout()
+# An API-only process (LLM_RUNNER_URL) has no runner in its graph and never imports runners/:
+# the API-only Bento does not even pack it. Otherwise the runner is declared here (runners/
+# imports no torch until it builds an engine), and Monolith can run its engine in-process.
+if not settings.runner_url:
+    from runners.llm import DECLARED_ENGINE, LLMRunner, create_engine
+    from runners.metrics import engine_metrics
 # BentoML's own request timeout sits a little past ours (LLM_API_TIMEOUT, enforced in logic/),
 # so ours fires first: it stops the generation and answers with an OpenAI-shaped 504.
 _TIMEOUT_MARGIN = 10
@@ -392,29 +394,24 @@ def _as_bentoml_errors() -> Iterator[None]:
 
 api_app = create_openai_app()
 
-# Errors that mean "the runner could not be reached or dropped the connection".
-_RUNNER_TRANSPORT_ERRORS = (
-    httpx.HTTPError,
-    aiohttp.ClientError,
-    OSError,
-    bentoml.exceptions.BentoMLException,
-    EngineClosedError,
-    RunnerStoppedError,
-)
+# Errors that mean "the runner could not be reached or dropped the connection": our client's
+# (aiohttp, OSError) and those of BentoML's in-process dependency (tests with to_asgi).
+_RUNNER_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, bentoml.exceptions.BentoMLException)
 
 
 async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
-    """The runner's token stream, its failures as API errors: at capacity is a 429, a request
-    the engine cannot serve as asked a 400, away or stopped a 503. Closing this closes
-    ``stream``, which cancels the generation."""
+    """The runner's token stream, its failures as API errors (one mapping for the engine's
+    error family, ``from_engine_error``; a runner that cannot be reached is a 503). Closing
+    this closes ``stream``, which cancels the generation."""
     try:
         async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk
-    except (RunnerBusyError, EngineBusyError):
-        raise ModelBusyError() from None
-    except (RunnerRequestError, EngineRequestError) as exc:
-        raise InvalidRequestError(str(exc), code=exc.code, param=exc.param) from None
+    except EngineError as exc:
+        error = from_engine_error(exc)
+        if isinstance(error, RunnerUnavailableError):
+            logger.warning("runner unavailable: %s", exc)
+        raise error from None
     except _RUNNER_TRANSPORT_ERRORS as exc:
         logger.warning("runner unavailable: %s", exc)
         raise RunnerUnavailableError() from exc
@@ -434,7 +431,7 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
     # An API-only Bento's image points at the runner it was built for unless told otherwise.
     + ([{"name": "LLM_RUNNER_URL", "value": settings.runner_url}] if settings.runner_url else []),
     # Its Bento's image: with the runner (and torch) unless the runner is elsewhere.
-    image=bento_image(settings, with_runner=not settings.runner_url),
+    image=bento_image(build_settings(), with_runner=not settings.runner_url),
 )
 class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""
@@ -448,10 +445,10 @@ class ChatAPI(NativeAPI):
     runner = None if settings.runner_url else bentoml.depends(LLMRunner)
     # The model's tokenizer entry (runners/import_model.py): tokenizer, template and config,
     # not the weights, which only the runner declares.
-    model = bentoml.models.BentoModel(settings.tokenizer_model)
+    model = bentoml.models.BentoModel(tokenizer_tag(settings.model))
 
     def __init__(self) -> None:
-        configure_worker_logging("ChatAPI")
+        configure_worker_logging("ChatAPI", settings.log_format, settings.log_level)
         self.chat = _chat_service(self.model, self._generate)
         api_app.state.chat = self.chat
         self._client = self._runner_client()
@@ -520,10 +517,7 @@ def _runner_url() -> str | None:
     ``bentoml serve`` (and ``--depends LLMRunner=URL``) hands each worker, which is what
     ``bentoml.depends`` itself reads, else ``LLM_RUNNER_URL``. None: BentoML would build
     the runner in-process."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    mapping = BentoMLContainer.remote_runner_mapping.get()
-    return mapping.get(LLMRunner.name) or settings.runner_url or None
+    return runner_mapping_url(RUNNER_SERVICE) or settings.runner_url or None
 
 
 # ---------------------------------------------------------------- monolith: one process
@@ -533,7 +527,7 @@ monolith_app = create_openai_app()
 
 @bentoml.asgi_app(monolith_app, path="/v1")
 @bentoml.service(
-    resources={"gpu": 1},
+    resources={"gpu": 0 if settings.runner_url else DECLARED_ENGINE.gpus},
     workers=1,
     traffic={"timeout": settings.api_timeout + _TIMEOUT_MARGIN},
 )
@@ -543,7 +537,7 @@ class Monolith(NativeAPI):
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        configure_worker_logging("Monolith")
+        configure_worker_logging("Monolith", settings.log_format, settings.log_level)
         self.engine = create_engine(self.model.path)
         self.chat = _chat_service(
             self.model, lambda prompt_ids, params: _relay(self.engine.stream(prompt_ids, params))
@@ -586,4 +580,4 @@ class NativeJSONOnly:
 for _service in (ChatAPI, Monolith):
     _service.add_asgi_middleware(NativeJSONOnly)
     # /metrics behind LLM_METRICS_API_KEY when that is set (the runner does the same).
-    _service.add_asgi_middleware(MetricsGuard)
+    _service.add_asgi_middleware(MetricsGuard, key=lambda: settings.metrics_api_key)

@@ -106,7 +106,7 @@ async def run_streams(
 
 def native_stream(model_dir: str, stop_ids: list[int], device: str) -> tuple[Stream, Callable]:
     """Our engine as the runner loads it (fp32 here), and its close."""
-    from logic.protocol import SamplingParams
+    from contract.tokens import SamplingParams
     from runners.engine import GenerationEngine
 
     engine = GenerationEngine.load(model_dir, device=device, dtype="float32")
@@ -128,11 +128,13 @@ def vllm_stream(model_dir: str, stop_ids: list[int]) -> tuple[Stream, Callable]:
     import torch
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from logic.protocol import SamplingParams
-    from logic.settings import Settings
+    from contract.tokens import SamplingParams
+    from runners.settings import RunnerSettings, VLLMSettings
     from runners.vllm_engine import engine_args, to_vllm
 
-    args = engine_args(model_dir, Settings(dtype="float32"), on_gpu=torch.cuda.is_available())
+    args = engine_args(
+        model_dir, RunnerSettings(dtype="float32"), VLLMSettings(), on_gpu=torch.cuda.is_available()
+    )
     engine = AsyncLLM.from_engine_args(args)
     window = engine.vllm_config.model_config.max_model_len
     ids_ = itertools.count()

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import transformers
 
-from logic.protocol import SamplingParams
+from contract.tokens import SamplingParams
 from runners.batch_model import Work, build_batch_model
 from runners.engine import GenerationEngine, kv_budget_bytes
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def build():
         return build_batch_model(
-            model, backend="native", max_slots=args.max_batch_size,
+            model, backend="paged", max_slots=args.max_batch_size,
             context_length=shape["max_position_embeddings"],
             kv_budget_bytes=kv_budget_bytes(device, args.kv_cache_gib, None),
         )  # fmt: skip

@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-from logic.protocol import SamplingParams, StructuredOutput
+from contract.tokens import SamplingParams, StructuredOutput
 from runners.engine import GenerationEngine
 
 # A string at least this long: constrained answers run to max_tokens as free ones do.

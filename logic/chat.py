@@ -20,6 +20,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.tokens import (
+    FinishReason,
+    GenerationChunk,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+)
 from logic.cleanup import OutputCleaner
 from logic.deadlines import within_deadlines
 from logic.errors import (
@@ -54,22 +61,17 @@ from logic.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
-    FinishReason,
-    GenerationChunk,
     GenerationRequest,
     ModelCard,
     ModelList,
     ResponseFormat,
-    SamplingParams,
-    StructuredOutput,
-    TokenLogprob,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
     new_completion_id,
     new_text_completion_id,
 )
-from logic.settings import Settings
+from logic.settings import APISettings
 from logic.stops import StopStringMatcher
 from logic.tokenizer import IncrementalDetokenizer
 from logic.tools import (
@@ -136,7 +138,7 @@ class ChatCompletionService:
     def __init__(
         self,
         files: ModelFiles,
-        settings: Settings,
+        settings: APISettings,
         generate: TokenGenerator,
         *,
         fingerprint: str | None = None,

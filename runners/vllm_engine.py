@@ -41,44 +41,47 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from logic.protocol import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, SamplingParams
-from logic.protocol import TokenLogprob as OurLogprob
-from logic.settings import Settings
+from contract.engine import GREEDY_BELOW, EngineStats, Series, check_prompt
+from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
+from contract.tokens import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, SamplingParams
+from contract.tokens import TokenLogprob as OurLogprob
 from runners import orphans
-from runners.engine_api import GREEDY_BELOW, EngineStats, Series, check_prompt
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from runners.settings import DEFAULT_CPU_KV_GIB, RunnerSettings, VLLMSettings
 
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
-# On a CPU, vLLM's default KV reservation is most of the host's memory (gpu_memory_utilization
-# of it), which fails as soon as anything else runs there; ours is a budget that fits beside.
-CPU_KV_CACHE_GIB = 2.0
 
 
-def engine_args(path: str | Path, settings: Settings, *, on_gpu: bool) -> AsyncEngineArgs:
-    """vLLM's engine arguments from our settings, for a model directory of the store."""
+def engine_args(
+    path: str | Path, settings: RunnerSettings, vllm: VLLMSettings, *, on_gpu: bool
+) -> AsyncEngineArgs:
+    """vLLM's engine arguments from our settings, for a model directory of the store.
+
+    On a CPU, vLLM's default KV reservation is most of the host's memory
+    (gpu_memory_utilization of it), which fails as soon as anything else runs there; ours is
+    a budget that fits beside (``DEFAULT_CPU_KV_GIB``, as for the native engine)."""
     dtype = settings.dtype
     if dtype == "auto":  # as the native engine: bf16 on a GPU, fp32 on a CPU
         dtype = "bfloat16" if on_gpu else "float32"
-    kv_gib = settings.vllm_kv_cache_gib or (None if on_gpu else CPU_KV_CACHE_GIB)
+    kv_gib = vllm.vllm_kv_cache_gib or (None if on_gpu else DEFAULT_CPU_KV_GIB)
     optional: dict[str, Any] = {
         "max_num_seqs": settings.max_batch_size,
         "max_num_batched_tokens": settings.max_batch_tokens,
-        "max_model_len": settings.vllm_max_model_len,
+        "max_model_len": vllm.vllm_max_model_len,
         "kv_cache_memory_bytes": int(kv_gib * GIB) if kv_gib else None,
     }
     return AsyncEngineArgs(
         model=str(path),  # the store entry's safetensors: never a hub id
         tokenizer=str(path),
         dtype=dtype,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        tensor_parallel_size=settings.vllm_tensor_parallel_size,
-        enforce_eager=settings.vllm_enforce_eager,
-        enable_prefix_caching=settings.vllm_prefix_caching,
+        gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
+        tensor_parallel_size=vllm.vllm_tensor_parallel_size,
+        enforce_eager=vllm.vllm_enforce_eager,
+        enable_prefix_caching=vllm.vllm_prefix_caching,
         # BentoML stops a worker's children with it (circus' stop_children): on SIGTERM the
         # engine core must drain, not abort, what the runner is still streaming.
-        shutdown_timeout=settings.vllm_shutdown_timeout,
+        shutdown_timeout=vllm.vllm_shutdown_timeout,
         max_logprobs=MAX_TOP_LOGPROBS,
         # Logprobs after penalties and temperature, as the native engine reports them.
         logprobs_mode="processed_logprobs",
@@ -221,7 +224,7 @@ class VLLMEngine:
         self._watchdog: subprocess.Popen | None = None
 
     @classmethod
-    def load(cls, path: str | Path, settings: Settings) -> VLLMEngine:
+    def load(cls, path: str | Path, settings: RunnerSettings, vllm: VLLMSettings) -> VLLMEngine:
         """Start vLLM's engine core on a store entry's files (it compiles on its first start,
         and caches that in vLLM's cache directory)."""
         import torch
@@ -234,7 +237,7 @@ class VLLMEngine:
             # back ("'function' object has no attribute 'finalize_loading'"), so every start
             # compiled again (60-110 s here). Inductor's own cache loads: about 25 s.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-        args = engine_args(path, settings, on_gpu=on_gpu)
+        args = engine_args(path, settings, vllm, on_gpu=on_gpu)
         step_stats = _StepStats()
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[step_stats.logger_factory()])

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from logic.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
+from contract.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
 from tests.conftest import USER_BENTOML_HOME
 from tests.served import BENTOML, ROOT, free_port
 

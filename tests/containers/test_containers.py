@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from logic.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
+from contract.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
 from tests.containers.conftest import COMPOSE, FIGURES, RUNNER_HOST, Container, Images, docker
 from tests.e2e.test_faults import Outcome, _start, _stream, _whole, assert_failed_fast
 from tests.served import ROOT, free_port, scrape

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from logic.settings import TOKENIZER_SUFFIX
+from contract.settings import TOKENIZER_SUFFIX
 from tests.conftest import TINY_MODEL
 from tests.deploy.conftest import BuiltBento
 from tests.served import ROOT
@@ -143,10 +143,10 @@ def test_the_image_packs_the_model_and_its_entrypoint_serves_either_service(
 def test_a_bento_serves_the_model_version_it_recorded_unless_llm_model_says_otherwise(
     tmp_path, monkeypatch
 ):
-    from logic.settings import Settings
-    from runners.llm import pin_bento_model
+    from glue.bento import pin_bento_model
+    from logic.settings import APISettings as Settings
 
-    module = tmp_path / "bento" / "src" / "runners" / "llm.py"
+    module = tmp_path / "bento" / "src" / "glue" / "bento.py"
     module.parent.mkdir(parents=True)
     services = [
         {"name": "ChatAPI", "models": [{"tag": "other:1"}]},
@@ -155,22 +155,20 @@ def test_a_bento_serves_the_model_version_it_recorded_unless_llm_model_says_othe
     (tmp_path / "bento" / "bento.yaml").write_text(yaml.safe_dump({"services": services}))
 
     monkeypatch.delenv("LLM_MODEL")
-    from_bento = Settings()
-    pin_bento_model(from_bento, here=module)
+    from_bento = pin_bento_model(Settings(), here=module)
     assert from_bento.model == "chat-model:abc123" and from_bento.model_name == "chat-model"
 
-    chosen = Settings(model="chat-model:def456")  # as LLM_MODEL would set it
-    pin_bento_model(chosen, here=module)
+    # as LLM_MODEL would set it
+    chosen = pin_bento_model(Settings(model="chat-model:def456"), here=module)
     assert chosen.model == "chat-model:def456"
 
     # An API-only Bento records the tokenizer entry: the API serves that version's model id.
     api_only = [{"name": "ChatAPI", "models": [{"tag": f"chat-model{TOKENIZER_SUFFIX}:abc123"}]}]
     (tmp_path / "bento" / "bento.yaml").write_text(yaml.safe_dump({"services": api_only}))
-    api = Settings()
-    pin_bento_model(api, here=module)
+    api = pin_bento_model(Settings(), here=module)
     assert api.model == "chat-model:abc123"
     assert api.tokenizer_model == f"chat-model{TOKENIZER_SUFFIX}:abc123"
 
-    from_source = Settings()  # a source tree: no <bento>/bento.yaml above it
-    pin_bento_model(from_source, here=ROOT / "runners" / "llm.py")
+    # a source tree: no <bento>/bento.yaml above it
+    from_source = pin_bento_model(Settings(), here=ROOT / "glue" / "bento.py")
     assert from_source.model == from_source.model_fields["model"].default

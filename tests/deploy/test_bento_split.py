@@ -15,8 +15,9 @@ import httpx
 import openai
 import pytest
 
-from logic.settings import TOKENIZER_SUFFIX, Settings
-from runners.image import PREBUILT_DISTRO, bento_image
+from contract.settings import TOKENIZER_SUFFIX
+from glue.image import PREBUILT_DISTRO, bento_image
+from glue.settings import BuildSettings
 from tests.deploy.conftest import BUILD_ENV, BuiltBento, build_bento
 from tests.served import START_HTTP_SERVER, ServedProcess, free_port
 
@@ -112,7 +113,7 @@ def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkey
     wheel = Path("wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
     wheel.parent.mkdir()
     wheel.write_bytes(b"")
-    settings = Settings(torch_wheel=str(wheel))
+    settings = BuildSettings(torch_wheel=str(wheel))
     runner = bento_image(settings, with_runner=True)
     assert f"./{wheel}" in runner.python_requirements
     assert "torch" not in bento_image(settings, with_runner=False).python_requirements
@@ -122,7 +123,7 @@ def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkey
     # A wheel outside the build context would be locked from a path the image does not have.
     for elsewhere in (f"/opt/{wheel}", "wheels/missing.whl", "torch.tar.gz"):
         with pytest.raises(ValueError, match="LLM_TORCH_WHEEL"):
-            bento_image(Settings(torch_wheel=elsewhere), with_runner=True)
+            bento_image(BuildSettings(torch_wheel=elsewhere), with_runner=True)
 
 
 # ---------------------------------------------------------------- the two, served

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from runners.engine_api import engine_metrics
+from runners.metrics import engine_metrics
 from tests.served import ROOT
 
 DEPLOY = ROOT / "deploy"

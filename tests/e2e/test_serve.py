@@ -17,7 +17,7 @@ import openai
 import psutil
 import pytest
 
-from logic.settings import DEFAULT_MODEL
+from contract.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.served import BENTOML, ServedProcess, free_port, scrape
 

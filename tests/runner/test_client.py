@@ -13,17 +13,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from logic.protocol import SamplingParams
-from runners.client import (
+from api.runner_client import RunnerClient
+from contract.errors import (
     BUSY,
     INVALID,
     STOPPED,
-    RunnerBusyError,
-    RunnerClient,
-    RunnerGenerationError,
-    RunnerRequestError,
-    RunnerStoppedError,
+    EngineBusyError,
+    EngineClosedError,
+    EngineError,
+    EngineRequestError,
 )
+from contract.tokens import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0)
 
@@ -160,7 +160,7 @@ def test_only_once_and_not_when_the_runner_cannot_be_reached(socket_path):
 def test_an_error_line_raises(socket_path):
     async def run():
         async with client_of(FakeRunner(tokens=5, error_after=2), socket_path) as client:
-            with pytest.raises(RunnerGenerationError, match="generation failed"):
+            with pytest.raises(EngineError, match="generation failed"):
                 async for _ in client.generate([1], PARAMS):
                     pass
 
@@ -173,7 +173,7 @@ def test_a_runner_at_capacity_is_told_apart_from_a_failure(socket_path):
     async def run():
         fake = FakeRunner(tokens=5, error_after=0, error=busy)
         async with client_of(fake, socket_path) as client:
-            with pytest.raises(RunnerBusyError):
+            with pytest.raises(EngineBusyError):
                 async for _ in client.generate([1], PARAMS):
                     pass
 
@@ -195,7 +195,7 @@ def test_closing_the_stream_hangs_up_on_the_runner(socket_path):
 
 
 def test_lines_split_inside_a_multibyte_character_are_read_whole():
-    from runners.client import read_chunks
+    from api.runner_client import read_chunks
 
     line = '{"error": "caf\u00e9 failed"}\n'.encode()
     cut = line.index(b"\xa9")  # the second byte of the two-byte character
@@ -208,7 +208,7 @@ def test_lines_split_inside_a_multibyte_character_are_read_whole():
         async for _ in read_chunks(pieces()):
             pass
 
-    with pytest.raises(RunnerGenerationError, match="caf\u00e9 failed"):
+    with pytest.raises(EngineError, match="caf\u00e9 failed"):
         asyncio.run(run())
 
 
@@ -236,23 +236,23 @@ def test_readiness_follows_the_runner_and_a_missing_runner_is_not_ready(socket_p
         (
             {"error": "the prompt is too long", "code": INVALID,
              "reason": "context_length_exceeded", "param": None},
-            RunnerRequestError,
+            EngineRequestError,
             {"code": "context_length_exceeded", "param": None},
         ),
         (
             {"error": "not that way", "code": INVALID, "reason": "unsupported_parameter",
              "param": "top_p"},
-            RunnerRequestError,
+            EngineRequestError,
             {"code": "unsupported_parameter", "param": "top_p"},
         ),
-        ({"error": "the engine stopped", "code": STOPPED}, RunnerStoppedError, {}),
-        ({"error": "generation failed: RuntimeError"}, RunnerGenerationError, {}),
+        ({"error": "the engine stopped", "code": STOPPED}, EngineClosedError, {}),
+        ({"error": "generation failed: RuntimeError"}, EngineError, {}),
     ],
 )  # fmt: skip
 def test_in_band_errors_say_what_kind_of_failure_they_are(line, error, fields):
-    from runners.client import error_from_line
+    from contract.errors import from_wire
 
-    raised = error_from_line(line)
+    raised = from_wire(line)
     assert type(raised) is error and str(raised) == line["error"]
     for name, value in fields.items():
         assert getattr(raised, name) == value

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from logic.protocol import GenerationChunk, SamplingParams
+from contract.errors import EngineBusyError, EngineClosedError
+from contract.tokens import GenerationChunk, SamplingParams
 from runners.batch_model import PagedLlama, SequentialHF
 from runners.engine import GenerationEngine
-from runners.engine_errors import EngineBusyError, EngineClosedError
 
 # `make gpu-check` runs these tests on CUDA (LLM_TEST_DEVICE=cuda); CI runs them on the CPU.
 DEVICE = os.environ.get("LLM_TEST_DEVICE", "cpu")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from logic.protocol import SamplingParams
+from contract.errors import EngineBusyError, EngineRequestError
+from contract.tokens import SamplingParams
 from runners.engine import GIB, GenerationEngine
-from runners.engine_api import engine_metrics
-from runners.engine_errors import EngineBusyError, EngineRequestError
+from runners.metrics import engine_metrics
 from tests.runner.test_engine import DEVICE, collect, greedy
 
 SYSTEM = [1] + list(range(100, 147))  # a 48-token "system prompt" shared by every request

@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from logic.protocol import SamplingParams, StructuredOutput
+from contract.errors import EngineRequestError
+from contract.tokens import SamplingParams, StructuredOutput
 from runners.engine import GenerationEngine
-from runners.engine_errors import EngineRequestError
 from tests.runner.test_engine import DEVICE, collect
 
 EOS = 2  # the tiny model's <|im_end|>

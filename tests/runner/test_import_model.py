@@ -39,8 +39,8 @@ def test_importing_the_same_source_twice_finds_it_in_the_store(
 def test_beside_the_model_goes_a_tokenizer_entry_of_the_same_version_without_weights(
     tiny_model_dir: Path, tiny_model_tag: str
 ):
+    from contract.settings import TOKENIZER_SUFFIX, CommonSettings
     from logic.model_files import ModelFiles
-    from logic.settings import TOKENIZER_SUFFIX, Settings
 
     name, version = tiny_model_tag.split(":")
     entry = bentoml.models.get(f"{name}{TOKENIZER_SUFFIX}:{version}")
@@ -49,7 +49,7 @@ def test_beside_the_model_goes_a_tokenizer_entry_of_the_same_version_without_wei
     assert not [f for f in files if f.endswith((".safetensors", ".bin"))]
     assert entry.info.labels["weights"] == tiny_model_tag
     # It is what the API declares, and all the API needs: tokenizer, template, limits.
-    assert Settings(model=tiny_model_tag).tokenizer_model == str(entry.tag)
+    assert CommonSettings(model=tiny_model_tag).tokenizer_model == str(entry.tag)
     full, light = (
         ModelFiles.load(bentoml.models.get(tiny_model_tag).path),
         ModelFiles.load(entry.path),

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from logic.protocol import SamplingParams
+from contract.tokens import SamplingParams
 from runners.batch_model import Work
 from runners.engine import GenerationEngine
 from runners.simulated import LLAMA3_8B_H100, LatencyModel, SimulatedModel, spin_cpu
@@ -184,8 +184,8 @@ def test_the_engine_on_it_answers_deterministically_and_ends_by_itself():
 
 
 def test_structured_outputs_are_refused_not_answered_with_junk():
-    from logic.protocol import StructuredOutput
-    from runners.engine_errors import EngineRequestError
+    from contract.errors import EngineRequestError
+    from contract.tokens import StructuredOutput
 
     engine = GenerationEngine(
         lambda: model(fixed(device_s=0.001, launch_s=0.0)), device=torch.device("cpu"),

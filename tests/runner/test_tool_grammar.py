@@ -14,9 +14,9 @@ import pytest
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
+from contract.errors import EngineRequestError
 from logic.protocol import ChatCompletionRequest
 from logic.tools import plan_tools, structured_output
-from runners.engine_errors import EngineRequestError
 from runners.grammar import Grammars
 
 WEATHER = {

@@ -9,7 +9,7 @@ import time
 import pytest
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-from runners.traffic import fix_request_timeout
+from glue.request_timeout import fix_request_timeout
 
 fix_request_timeout()
 

@@ -421,10 +421,11 @@ def test_an_unexpected_failure_is_an_openai_shaped_500(client, api, monkeypatch)
     [
         lambda: ConnectionRefusedError(111, "Connection refused"),
         lambda: __import__("aiohttp").ServerDisconnectedError(),
-        lambda: __import__("httpx").ConnectError("no route"),
-        lambda: __import__("runners.client").client.RunnerStoppedError("engine_stopped"),
+        # The API has one HTTP client library (aiohttp): a body cut under it.
+        lambda: __import__("aiohttp").ClientPayloadError("Response payload is not completed"),
+        lambda: __import__("contract.errors").errors.EngineClosedError("engine_stopped"),
     ],
-    ids=["refused", "disconnected", "httpx", "engine-stopped"],
+    ids=["refused", "disconnected", "payload-cut", "engine-stopped"],
 )
 def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch, failure):
     """The runner client fails as a real one does (the API's own mapping, ``_relay``, makes
@@ -498,11 +499,11 @@ def test_what_the_engine_refuses_is_a_400_and_a_stopped_engine_a_503(client, mon
     import inspect
 
     import service
-    from runners.engine_errors import EngineClosedError, EngineRequestError
+    from contract.errors import EngineClosedError, EngineRequestError
 
     runner = inspect.getattr_static(service.ChatAPI.inner, "runner").get()
 
-    def refuse(prompt_ids):
+    def refuse(prompt_ids, params):
         raise EngineRequestError("Not on this engine.", code="unsupported_parameter", param="top_p")
 
     monkeypatch.setattr(runner.engine, "validate", refuse)

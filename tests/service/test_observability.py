@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from logic.logs import JSONFormatter
+from glue.logs import JSONFormatter
 
 USER = [{"role": "user", "content": "Hello there"}]
 CHAT = "/v1/chat/completions"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.tokens import GenerationChunk, SamplingParams
 from logic.chat import ChatCompletionService, encode_conversation
 from logic.errors import (
     GenerationTimeoutError,
@@ -18,8 +19,8 @@ from logic.errors import (
     RunnerUnavailableError,
 )
 from logic.model_files import ModelFiles
-from logic.protocol import ChatCompletionRequest, GenerationChunk, SamplingParams
-from logic.settings import Settings
+from logic.protocol import ChatCompletionRequest
+from logic.settings import APISettings
 
 
 class ScriptedGenerator:
@@ -62,7 +63,7 @@ def make(
 ) -> tuple[ChatCompletionService, ScriptedGenerator]:
     gen = ScriptedGenerator(files, text)
     overrides = {"model": "tiny-chat", "system_prompt": "Be brief.", "default_max_tokens": 64}
-    config = Settings(**{**overrides, **settings})
+    config = APISettings(**{**overrides, **settings})
     return ChatCompletionService(files, config, gen, fingerprint="fp_test"), gen
 
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from logic.logs import JSONFormatter, configure_logging, incoming_request_id, request_id
+from glue.logs import JSONFormatter, configure_logging, incoming_request_id, request_id
 
 
 @pytest.mark.parametrize("value", ["abc-123", "0f8e4c1a2b3d", "trace:span/7", "a" * 128])

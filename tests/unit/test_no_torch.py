@@ -29,8 +29,9 @@ SCRIPT = textwrap.dedent(
 
     from logic.chat import ChatCompletionService
     from logic.model_files import ModelFiles
-    from logic.protocol import ChatCompletionRequest, GenerationChunk
-    from logic.settings import Settings
+    from contract.tokens import GenerationChunk
+    from logic.protocol import ChatCompletionRequest
+    from logic.settings import APISettings
 
     files = ModelFiles.load(sys.argv[1])
     answer = files.tokenizer.encode("Paris") + files.eos_token_ids
@@ -41,7 +42,7 @@ SCRIPT = textwrap.dedent(
                 token_ids=[token], finish_reason="stop" if token in params.stop_token_ids else None
             )
 
-    service = ChatCompletionService(files, Settings(model="tiny"), generate)
+    service = ChatCompletionService(files, APISettings(model="tiny"), generate)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "Capital of France?"}])
     response = asyncio.run(service.create(request))
     assert response.choices[0].message.content == "Paris", response

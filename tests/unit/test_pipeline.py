@@ -16,7 +16,7 @@ from logic.pipeline import (
     register_pre_step,
 )
 from logic.protocol import ChatMessage
-from logic.settings import Settings
+from logic.settings import APISettings
 
 
 def conv(*pairs: tuple[str, str], **notes: object) -> Conversation:
@@ -260,7 +260,7 @@ def test_step_modules_are_imported_so_their_steps_can_be_named():
 
 def test_the_bundles_settings_work_as_is():
     pipeline = Pipeline.from_settings(
-        Settings(model="tiny-chat", system_prompt="Be brief."),
+        APISettings(model="tiny-chat", system_prompt="Be brief."),
         pre=["input_limits", "redact_pii", "system_prompt"],
         post=["strip_template_artefacts", "strip_trailing_whitespace"],
     )

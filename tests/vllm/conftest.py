@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from logic.settings import DEFAULT_MODEL
+from contract.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.e2e.test_serve import default_model_in_store
 from tests.served import BENTOML, ServedProcess, free_port

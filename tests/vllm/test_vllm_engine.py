@@ -10,10 +10,10 @@ from unittest.mock import MagicMock
 
 import pytest
 
-from logic.protocol import SamplingParams, StructuredOutput
-from logic.settings import Settings
-from runners.engine_api import engine_metrics
-from runners.engine_errors import EngineBusyError, EngineClosedError, EngineRequestError
+from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
+from contract.tokens import SamplingParams, StructuredOutput
+from runners.metrics import engine_metrics
+from runners.settings import RunnerSettings, VLLMSettings
 
 pytest.importorskip("vllm")
 
@@ -222,21 +222,24 @@ def test_vllms_step_stats_feed_the_runner_series():
 
 
 def test_engine_arguments_follow_the_settings():
-    settings = Settings(
-        max_batch_size=8, vllm_max_model_len=2048, vllm_tensor_parallel_size=2,
+    settings = RunnerSettings(max_batch_size=8)
+    vllm = VLLMSettings(
+        vllm_max_model_len=2048, vllm_tensor_parallel_size=2,
         vllm_enforce_eager=True, vllm_prefix_caching=False, vllm_gpu_memory_utilization=0.8,
     )  # fmt: skip
-    on_cpu = engine_args("/models/x", settings, on_gpu=False)
+    on_cpu = engine_args("/models/x", settings, vllm, on_gpu=False)
     assert (on_cpu.model, on_cpu.tokenizer, on_cpu.dtype) == ("/models/x", "/models/x", "float32")
     assert on_cpu.kv_cache_memory_bytes == 2 << 30  # our CPU default: a budget, not 90 %
     assert (on_cpu.max_num_seqs, on_cpu.max_model_len, on_cpu.tensor_parallel_size) == (8, 2048, 2)
     assert on_cpu.enforce_eager and not on_cpu.enable_prefix_caching
     assert on_cpu.gpu_memory_utilization == 0.8 and on_cpu.logprobs_mode == "processed_logprobs"
     assert on_cpu.shutdown_timeout == 90  # SIGTERM drains rather than aborts
-    on_gpu = engine_args("/models/x", Settings(), on_gpu=True)
+    on_gpu = engine_args("/models/x", RunnerSettings(), VLLMSettings(), on_gpu=True)
     assert on_gpu.dtype == "bfloat16" and on_gpu.kv_cache_memory_bytes is None
     assert on_gpu.enable_prefix_caching  # on by default
-    sized = engine_args("/models/x", Settings(vllm_kv_cache_gib=0.5), on_gpu=True)
+    sized = engine_args(
+        "/models/x", RunnerSettings(), VLLMSettings(vllm_kv_cache_gib=0.5), on_gpu=True
+    )
     assert sized.kv_cache_memory_bytes == 1 << 29
 
 

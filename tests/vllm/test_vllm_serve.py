@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from bench.serving import Target, WorkItem, run_drop
+from contract.settings import DEFAULT_MODEL
 from logic.protocol import ChatCompletionRequest
-from logic.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.e2e.test_faults import (
     LONG,
@@ -68,13 +68,13 @@ def native_chat() -> Iterator:
     defaults (not the test settings the root conftest puts in the environment)."""
     from logic.chat import ChatCompletionService
     from logic.model_files import ModelFiles
-    from logic.settings import Settings
+    from logic.settings import APISettings
     from runners.engine import GenerationEngine
 
     path = _latest(Path(USER_BENTOML_HOME) / "models" / DEFAULT_MODEL)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     with mock.patch.dict(os.environ, clean, clear=True):
-        settings = Settings()
+        settings = APISettings()
     engine = GenerationEngine.load(path, device="cpu", dtype="float32")
     loop = asyncio.new_event_loop()
     chat = ChatCompletionService(ModelFiles.load(path), settings, engine.stream)

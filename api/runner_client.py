@@ -8,6 +8,8 @@ keeps generating for nobody. This client owns its responses: closing the stream 
 the connection, the runner's server sees the disconnect at its next token, and the engine
 drops the request at its next step.
 
+It raises the engine's own errors (:mod:`contract.errors`), decoded from the runner's
+in-band error lines, so the API maps one family whichever side of the hop an engine is on.
 No torch here: the API process imports this module.
 """
 
@@ -21,13 +23,9 @@ from urllib.parse import unquote, urlparse
 import aiohttp
 from pydantic import SecretStr
 
-from logic.protocol import GenerationChunk, SamplingParams
+from contract.errors import from_wire
+from contract.tokens import GenerationChunk, SamplingParams
 
-# The codes of the in-band error lines a runner sends instead of tokens (any other error
-# line is a failed generation):
-BUSY = "runner_busy"  # at capacity: back off and retry (the API answers 429)
-INVALID = "invalid_request"  # the engine cannot serve the request as asked (400)
-STOPPED = "engine_stopped"  # the engine stopped or died (503)
 # Seconds an idle connection to the runner is kept for reuse: below the runner's own.
 _IDLE_CONNECTION_SECONDS = 2.0
 # How long a runner that dropped a request may take to say it is ready, for a retry.
@@ -38,39 +36,6 @@ _DROPPED_BEFORE_ANSWER = (
     aiohttp.ClientConnectionResetError,
     aiohttp.ClientOSError,
 )
-
-
-class RunnerGenerationError(RuntimeError):
-    """The runner reported a failure inside its stream."""
-
-
-class RunnerBusyError(RunnerGenerationError):
-    """The runner holds all the requests it takes: back off and retry (not a failure)."""
-
-
-class RunnerStoppedError(RunnerGenerationError):
-    """The runner's engine stopped or died: the runner is as good as away."""
-
-
-class RunnerRequestError(RunnerGenerationError):
-    """The runner's engine refused the request as asked; the message is for the client."""
-
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
-
-
-def error_from_line(data: dict) -> RunnerGenerationError:
-    """The exception an in-band ``{"error": ...}`` line stands for."""
-    message, code = str(data["error"]), data.get("code")
-    if code == BUSY:
-        return RunnerBusyError(message)
-    if code == STOPPED:
-        return RunnerStoppedError(message)
-    if code == INVALID:
-        return RunnerRequestError(message, code=data.get("reason"), param=data.get("param"))
-    return RunnerGenerationError(message)
 
 
 async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[GenerationChunk]:
@@ -86,7 +51,7 @@ async def read_chunks(stream: AsyncIterator[str | bytes]) -> AsyncIterator[Gener
                     continue
                 data = json.loads(line)
                 if "error" in data:
-                    raise error_from_line(data)
+                    raise from_wire(data)
                 yield GenerationChunk.model_validate(data)
     finally:  # an async generator source is closed now, not whenever it is collected
         aclose = getattr(stream, "aclose", None)

