@@ -117,12 +117,17 @@ class ServedProcess:
 
 def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple, float]:
     """``url``'s ``/metrics`` as ``{(sample name, sorted label pairs): value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     response = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
     response.raise_for_status()
+    return samples(response.text)
+
+
+def samples(text: str) -> dict[tuple, float]:
+    """Prometheus text as ``{(sample name, sorted label pairs): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
+        for family in text_string_to_metric_families(text)
         for sample in family.samples
     }

@@ -119,8 +119,10 @@ def _packed_sources(bento: BuiltBento) -> dict[str, set[str]]:
 def test_no_file_the_api_bento_packs_imports_torch_or_an_engine(api_bento):
     packed = _packed_sources(api_bento)
     assert "service.py" in packed and "api/runner_client.py" in packed
+    # No runners/ at all: service.py imports it only where no LLM_RUNNER_URL is set, and the
+    # served API Bento (below) starts without it.
     assert not [p for p in packed if p.startswith("runners/")]
-    heavy = {"torch", "transformers", "vllm", "xgrammar", "safetensors", "runners"}
+    heavy = {"torch", "transformers", "vllm", "xgrammar", "safetensors"}
     assert not {p: roots & heavy for p, roots in packed.items() if roots & heavy}
 
 
@@ -136,16 +138,17 @@ def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkey
     wheel.parent.mkdir()
     wheel.write_bytes(b"")
     settings = BuildSettings(torch_wheel=str(wheel))
-    runner = bento_image(settings, with_runner=True)
+    runner = bento_image(settings, extras=["runner"], with_runner=True)
     assert f"./{wheel}" in runner.python_requirements
-    assert "torch" not in bento_image(settings, with_runner=False).python_requirements
+    api = bento_image(settings, extras=["api"], with_runner=False)
+    assert "torch" not in api.python_requirements
     # A distro BentoML does not know: its image builder adds no apt-get layer of compilers.
     assert runner.distro == PREBUILT_DISTRO and runner.commands == []
     assert runner.base_image == "python:3.11-slim"
     # A wheel outside the build context would be locked from a path the image does not have.
     for elsewhere in (f"/opt/{wheel}", "wheels/missing.whl", "torch.tar.gz"):
         with pytest.raises(ValueError, match="LLM_TORCH_WHEEL"):
-            bento_image(BuildSettings(torch_wheel=elsewhere), with_runner=True)
+            bento_image(BuildSettings(torch_wheel=elsewhere), extras=[], with_runner=True)
 
 
 # ---------------------------------------------------------------- the two, served

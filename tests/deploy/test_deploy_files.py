@@ -126,8 +126,10 @@ def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
         name="native", running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False,
         stats=stats, extra_metrics=list,
     )  # fmt: skip
-    exported = engine_metrics(engine).splitlines()
-    assert f"{name} 5" in exported  # the series the runner serves on /metrics
+    from tests.served import samples
+
+    exported = samples(engine_metrics(engine))
+    assert exported[(name, ())] == 5  # the series the runner serves on /metrics
     adapter = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
     assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [name]
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 from tests.deploy.conftest import BuiltBento
-from tests.served import START_HTTP_SERVER, ServedProcess, free_port
+from tests.served import START_HTTP_SERVER, ServedProcess, free_port, samples
 
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
@@ -59,12 +59,9 @@ def test_requests_flow_from_the_api_to_a_runner_it_was_pointed_at(api, runner):
     api_commands = [" ".join(p.cmdline()) for p in api.process.children(recursive=True)]
     assert api_commands and not any("LLMRunner" in c for c in api_commands)
     metrics = httpx.get(f"{runner.url}/metrics", timeout=10).text
-    assert "llm_runner_requests_in_flight 0" in metrics
-    assert int(_series(metrics, "llm_runner_requests_finished_total")) >= 1
-
-
-def _series(metrics: str, name: str) -> str:
-    return next(line.split()[1] for line in metrics.splitlines() if line.startswith(name + " "))
+    values = samples(metrics)
+    assert values[("llm_runner_requests_in_flight", ())] == 0
+    assert values[("llm_runner_requests_finished_total", ())] >= 1
 
 
 def test_without_its_runner_the_api_answers_503_quickly_and_recovers_when_it_is_back(api, runner):

@@ -55,9 +55,7 @@ def test_each_room_imports_only_what_it_may(room):
 def test_the_architecture_page_states_the_rules_this_test_enforces():
     page = (ROOT / "docs" / "architecture.md").read_text()
     for room, (allowed, _) in RULES.items():
-        line = next(
-            (row for row in page.splitlines() if row.startswith(f"| `{room}/`")), None
-        )
+        line = next((row for row in page.splitlines() if row.startswith(f"| `{room}/`")), None)
         assert line is not None, f"docs/architecture.md has no row for {room}/"
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         may = {word.strip("`/ ") for word in cells[2].split(",") if word.strip("`/ —-")}

@@ -14,6 +14,7 @@ from contract.errors import EngineBusyError, EngineClosedError, EngineRequestErr
 from contract.tokens import SamplingParams, StructuredOutput
 from runners.metrics import engine_metrics
 from runners.settings import RunnerSettings, VLLMSettings
+from tests.served import samples
 
 pytest.importorskip("vllm")
 
@@ -178,7 +179,7 @@ def test_a_dead_vllm_engine_fails_requests_and_health():
     assert engine.closed
     with pytest.raises(EngineClosedError):
         asyncio.run(collect(engine, [1], GREEDY))
-    assert "llm_runner_engine_up 0" in engine_metrics(engine).splitlines()
+    assert samples(engine_metrics(engine))[("llm_runner_engine_up", ())] == 0
 
 
 def test_what_vllm_would_refuse_or_compute_differently_is_refused_first():
@@ -213,12 +214,12 @@ def test_vllms_step_stats_feed_the_runner_series():
         step.record(stats)
     assert (step.stats.steps, step.stats.prefill_tokens, step.stats.decode_tokens) == (3, 30, 4)
     assert step.stats.busy_seconds == pytest.approx(0.06)
-    exported = engine_metrics(engine).splitlines()
-    assert "llm_runner_kv_cache_usage_ratio 0.25" in exported
-    assert "llm_runner_prefix_cache_queries_total 30" in exported
-    assert "llm_runner_prefix_cache_hits_total 15" in exported
-    assert "llm_runner_prefix_cache_hit_rate 0.5" in exported
-    assert 'llm_runner_engine_info{engine="vllm"} 1' in exported
+    exported = samples(engine_metrics(engine))
+    assert exported[("llm_runner_kv_cache_usage_ratio", ())] == 0.25
+    assert exported[("llm_runner_prefix_cache_queries_total", ())] == 30
+    assert exported[("llm_runner_prefix_cache_hits_total", ())] == 15
+    assert exported[("llm_runner_prefix_cache_hit_rate", ())] == 0.5
+    assert exported[("llm_runner_engine_info", (("engine", "vllm"),))] == 1
 
 
 def test_engine_arguments_follow_the_settings():
