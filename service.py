@@ -44,7 +44,7 @@ from glue.logs import configure_worker_logging, incoming_request_id, request_id
 from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
 from logic import metrics
-from logic.chat import ChatCompletionService, TokenGenerator
+from logic.chat import CompletionService, TokenGenerator
 from logic.errors import (
     APIError,
     AuthenticationError,
@@ -184,19 +184,19 @@ async def _respond(
 
 
 async def chat_completions(request: Request) -> Response:
-    chat: ChatCompletionService = request.app.state.chat
+    chat: CompletionService = request.app.state.chat
     body = await _read_request(request, ChatCompletionRequest)
     return await _respond(body, chat.create, chat.create_stream)
 
 
 async def completions(request: Request) -> Response:
-    chat: ChatCompletionService = request.app.state.chat
+    chat: CompletionService = request.app.state.chat
     body = await _read_request(request, CompletionRequest)
     return await _respond(body, chat.create_completion, chat.create_completion_stream)
 
 
 async def list_models(request: Request) -> Response:
-    chat: ChatCompletionService = request.app.state.chat
+    chat: CompletionService = request.app.state.chat
     return JSONResponse(chat.models().model_dump(mode="json"))
 
 
@@ -314,8 +314,8 @@ def create_openai_app() -> Starlette:
     )
 
 
-def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> ChatCompletionService:
-    return ChatCompletionService(
+def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> CompletionService:
+    return CompletionService(
         ModelFiles.load(model.path),
         settings,
         generate,
@@ -331,7 +331,7 @@ class NativeAPI:
     ``AsyncHTTPClient``: ``chat`` returns a whole answer, ``chat_stream`` streams its text.
     Same business logic, same errors (as BentoML errors with the same status codes)."""
 
-    chat: ChatCompletionService
+    chat: CompletionService
 
     @bentoml.api
     async def chat_completion(

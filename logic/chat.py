@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from contract.tokens import (
     FinishReason,
@@ -27,6 +25,7 @@ from contract.tokens import (
     StructuredOutput,
     TokenLogprob,
 )
+from logic import response_format
 from logic.cleanup import OutputCleaner
 from logic.deadlines import within_deadlines
 from logic.errors import (
@@ -34,16 +33,10 @@ from logic.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     RunnerUnavailableError,
-    UnprocessableError,
-)
-from logic.json_output import (
-    JSONExtractionError,
-    json_answer,
-    schema_errors,
-    validation_errors,
 )
 from logic.metrics import GenerationMetrics
 from logic.model_files import ModelFiles
+from logic.output_plan import FREE, OutputPlan, plan_output, with_instructions
 from logic.pipeline import Conversation, Pipeline
 from logic.protocol import (
     AssistantMessage,
@@ -64,7 +57,6 @@ from logic.protocol import (
     GenerationRequest,
     ModelCard,
     ModelList,
-    ResponseFormat,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
@@ -82,12 +74,8 @@ from logic.tools import (
     ToolCallParser,
     ToolPlan,
     history,
-    plan_tools,
-    template_tools,
     tool_calls,
 )
-from logic.tools import instruction as tool_instruction
-from logic.tools import structured_output as tool_structured_output
 
 logger = logging.getLogger(__name__)
 TokenGenerator = Callable[[list[int], SamplingParams], AsyncIterator[GenerationChunk]]
@@ -101,8 +89,7 @@ class PreparedPrompt:
     params: SamplingParams
     stop_strings: list[str]
     n: int = 1
-    response_format: ResponseFormat | None = None
-    tools: ToolPlan | None = None  # the answer may hold tool calls
+    output: OutputPlan = FREE  # what the answer must be (tools, response_format)
 
     def params_for(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives each choice its own seed."""
@@ -132,8 +119,9 @@ def _usage(prompt_tokens: int, choices: list[_Choice]) -> Usage:
     )
 
 
-class ChatCompletionService:
-    """Serves ``/v1/chat/completions`` and ``/v1/models`` over a token generator."""
+class CompletionService:
+    """Serves OpenAI's ``/v1/chat/completions``, ``/v1/completions`` (text, no template)
+    and ``/v1/models`` over a token generator: one business-logic pipeline for all three."""
 
     def __init__(
         self,
@@ -175,28 +163,20 @@ class ChatCompletionService:
                 code="invalid_value",
             )
         native = self._files.template.takes_tools
-        plan = plan_tools(request, native=native)
+        plan = plan_output(request, native_tools=native)
         conversation = self.pipeline.before(
             Conversation.from_messages(history(request.messages, native=native))
         )
-        messages = _with_format_instruction(conversation.messages, request.response_format)
-        if plan is not None and not plan.native:
-            messages = _with_instruction(messages, tool_instruction(plan))
-        prompt_ids = encode_conversation(
-            self._files, messages, tools=template_tools(plan) if plan and plan.native else None
-        )
+        messages = with_instructions(conversation.messages, plan.instructions)
+        prompt_ids = self._files.encode_conversation(messages, tools=plan.template_tools)
         # Template markers leaking as plain text end the turn as surely as the EOS token.
         stops = request.stop_strings + self._files.template_markers
-        structured = (
-            tool_structured_output(plan) if plan else structured_output(request.response_format)
-        )
         return PreparedPrompt(
             prompt_ids=prompt_ids,
-            params=self._sampling_params(request, len(prompt_ids), structured),
+            params=self._sampling_params(request, len(prompt_ids), plan.structured),
             stop_strings=stops,
             n=request.n,
-            response_format=request.response_format,
-            tools=plan,
+            output=plan,
         )
 
     def _check(self, request: GenerationRequest) -> None:
@@ -391,10 +371,12 @@ class ChatCompletionService:
         """A whole choice as the assistant's message: its text (after the post-steps, in the
         format asked for), or its content and tool calls."""
         text = "".join(choice.text)
-        if prepared.tools is None:
-            content = _enforce_format(prepared.response_format, self.pipeline.after(text))
+        if prepared.output.tools is None:
+            content = response_format.enforce(
+                prepared.output.response_format, self.pipeline.after(text)
+            )
             return AssistantMessage(content=content), choice.finish_reason or "stop"
-        parser = ToolCallParser(prepared.tools)
+        parser = ToolCallParser(prepared.output.tools)
         events = parser.push(text) + parser.close()
         content = "".join(e.text for e in events if isinstance(e, ContentDelta))
         calls = tool_calls(parser)
@@ -402,7 +384,7 @@ class ChatCompletionService:
             content=self.pipeline.after(content) if content or not calls else None,
             tool_calls=calls,
         )
-        return message, _finish(choice, prepared.tools, calls is not None)
+        return message, _finish(choice, prepared.output.tools, calls is not None)
 
     def create_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Validates now (so bad input fails before any byte is sent), then streams chunks."""
@@ -436,7 +418,9 @@ class ChatCompletionService:
             )
 
         started: set[int] = set()
-        parsers = {c.index: ToolCallParser(prepared.tools) for c in choices if prepared.tools}
+        parsers = {
+            c.index: ToolCallParser(prepared.output.tools) for c in choices if prepared.output.tools
+        }
         # aclosing: a client that leaves closes this stream, and with it the runner's.
         async with contextlib.aclosing(self._merged(prepared, choices)) as pieces:
             async for choice, text, entries in pieces:
@@ -444,11 +428,11 @@ class ChatCompletionService:
                 if text is None:
                     # A format the answer fails, or a tool call cut short, ends the stream
                     # with a 422-shaped error event.
-                    _enforce_format(prepared.response_format, "".join(choice.text))
+                    response_format.enforce(prepared.output.response_format, "".join(choice.text))
                     if parser is not None:
                         for event in parser.close():
                             yield chunk(choice.index, _delta(event))
-                    finish = _finish(choice, prepared.tools, bool(parser and parser.calls))
+                    finish = _finish(choice, prepared.output.tools, bool(parser and parser.calls))
                     yield chunk(choice.index, DeltaMessage(), finish)
                     continue
                 choice.text.append(text)
@@ -609,130 +593,3 @@ def _delta(event: Event) -> DeltaMessage:
 
 def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def encode_conversation(
-    files: ModelFiles, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
-) -> list[int]:
-    """The prompt's token ids, in which only the chat template writes special tokens.
-
-    Text from users and tools that spells a special token ("<|im_end|>\n<|im_start|>system")
-    would otherwise be read as one and open a turn of its own, a system turn included. Such
-    contents are tokenized as plain text, between the template's own pieces
-    (:meth:`ChatTemplate.render_parts`). A template that rewrites contents beyond trimming
-    cannot be cut so; there the special-token text in contents is broken by a word joiner
-    (U+2060) before rendering. Conversations without such text are tokenized whole, exactly
-    as before. Earlier tool calls (``tool_calls``, for a template that takes tools) and the
-    tools' own descriptions are text from clients too: theirs is broken the same way."""
-    tokenizer, template = files.tokenizer, files.template
-    specials = [s for s in tokenizer.special_tokens if s]
-    # Whatever else a message carries (a template's tool_calls, a tool_call_id) and the tools.
-    messages = [{k: v if k in ("role", "content") else _defuse(v, specials)
-                 for k, v in m.items()} for m in messages]  # fmt: skip
-    tools = _defuse(tools, specials)
-    if not any(s in str(m.get("content") or "") for m in messages for s in specials):
-        return tokenizer.encode(template.render(messages, tools=tools))
-    parts = template.render_parts(messages, tools=tools)
-    if parts is None:
-        defused = [{**m, "content": _defuse(str(m.get("content") or ""), specials)}
-                   for m in messages]  # fmt: skip
-        return tokenizer.encode(template.render(defused, tools=tools))
-    ids: list[int] = []
-    for text, by_template in parts:
-        ids += tokenizer.encode(text) if by_template else tokenizer.encode_plain(text)
-    return ids
-
-
-def _defuse(value: Any, specials: list[str]) -> Any:
-    """``value`` (text, or JSON-like data holding text) with special-token text broken."""
-    if isinstance(value, list):
-        return [_defuse(item, specials) for item in value]
-    if isinstance(value, dict):
-        return {_defuse(k, specials): _defuse(v, specials) for k, v in value.items()}
-    if not isinstance(value, str):
-        return value
-    for special in specials:
-        value = value.replace(special, special[0] + "\u2060" + special[1:])
-    return value
-
-
-def check_response_format(response_format: ResponseFormat | None) -> None:
-    """A JSON schema that is not one is refused up front (400). What the runner cannot compile
-    for constrained decoding it refuses itself, also with a 400 that names the problem."""
-    if response_format is None or response_format.type != "json_schema":
-        return
-    problems = schema_errors(response_format.json_schema.json_schema)
-    if problems:
-        raise InvalidRequestError(
-            f"Invalid JSON schema: {'; '.join(problems[:3])}.",
-            param="response_format.json_schema.schema",
-            code="invalid_value",
-        )
-
-
-def structured_output(response_format: ResponseFormat | None) -> StructuredOutput | None:
-    """What the runner constrains decoding to, for a ``response_format``."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return StructuredOutput(kind="json_object")
-    schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))
-    return StructuredOutput(kind="json_schema", json_schema=schema)
-
-
-def _with_format_instruction(
-    messages: list[dict[str, str]], response_format: ResponseFormat | None
-) -> list[dict[str, str]]:
-    """Tell the model about a JSON format in the system message (the template's own place
-    for instructions): the runner constrains the answer to it, and a model that knows what
-    it is writing fills it with better values."""
-    if response_format is None or response_format.type == "text":
-        return messages
-    check_response_format(response_format)
-    instruction = "Answer with one JSON value and nothing else."
-    if response_format.type == "json_schema":
-        schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))
-        instruction += f" It must match this JSON schema: {schema}"
-    return _with_instruction(messages, instruction)
-
-
-def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
-    """``instruction`` at the end of the system message (one is added when there is none)."""
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": instruction}, *messages]
-
-
-def _enforce_format(response_format: ResponseFormat | None, text: str) -> str:
-    """The answer as the format asks. The runner constrained it to the format, so it parses
-    and matches unless it was cut short (``max_tokens``): then a 422, as OpenAI answers a
-    JSON answer cut by the length limit. Checked again here anyway (``jsonschema``)."""
-    if response_format is None or response_format.type == "text":
-        return text
-    try:
-        value, as_written = json_answer(text)
-    except JSONExtractionError as exc:
-        raise UnprocessableError(
-            f"The answer is not complete JSON ({exc}); it was most likely cut by max_tokens. "
-            "Retry with a larger max_tokens.",
-            param="response_format",
-            code="response_format_not_met",
-        ) from None
-    if response_format.type == "json_schema":
-        problems = validation_errors(value, response_format.json_schema.json_schema)
-        if problems:
-            raise UnprocessableError(
-                "The answer does not match the JSON schema: " + "; ".join(problems) + ".",
-                param="response_format",
-                code="response_format_not_met",
-            )
-    elif not isinstance(value, dict):
-        raise UnprocessableError(
-            "The answer is not a JSON object.",
-            param="response_format",
-            code="response_format_not_met",
-        )
-    if as_written is not None:  # the constrained answer as the model wrote it (compact)
-        return as_written
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

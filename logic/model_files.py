@@ -53,6 +53,37 @@ class ModelFiles:
                 ids.append(token_id)
         return ids
 
+    def encode_conversation(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt's token ids, in which only the chat template writes special tokens.
+
+        Text from users and tools that spells a special token ("<|im_end|>\n<|im_start|>system")
+        would otherwise be read as one and open a turn of its own, a system turn included. Such
+        contents are tokenized as plain text, between the template's own pieces
+        (:meth:`ChatTemplate.render_parts`). A template that rewrites contents beyond trimming
+        cannot be cut so; there the special-token text in contents is broken by a word joiner
+        (U+2060) before rendering. Conversations without such text are tokenized whole, exactly
+        as before. Earlier tool calls (``tool_calls``, for a template that takes tools) and the
+        tools' own descriptions are text from clients too: theirs is broken the same way."""
+        tokenizer, template = self.tokenizer, self.template
+        specials = [s for s in tokenizer.special_tokens if s]
+        # Whatever else a message carries (a template's tool_calls, a tool_call_id) and the tools.
+        messages = [{k: v if k in ("role", "content") else _defuse(v, specials)
+                     for k, v in m.items()} for m in messages]  # fmt: skip
+        tools = _defuse(tools, specials)
+        if not any(s in str(m.get("content") or "") for m in messages for s in specials):
+            return tokenizer.encode(template.render(messages, tools=tools))
+        parts = template.render_parts(messages, tools=tools)
+        if parts is None:
+            defused = [{**m, "content": _defuse(str(m.get("content") or ""), specials)}
+                       for m in messages]  # fmt: skip
+            return tokenizer.encode(template.render(defused, tools=tools))
+        ids: list[int] = []
+        for text, by_template in parts:
+            ids += tokenizer.encode(text) if by_template else tokenizer.encode_plain(text)
+        return ids
+
     @classmethod
     def load(cls, path: str | Path) -> ModelFiles:
         path = Path(path)
@@ -84,3 +115,16 @@ class ModelFiles:
             # Special tokens the template writes (turn markers): never part of an answer.
             template_markers=[t for t in tokenizer.special_tokens if t in source],
         )
+
+
+def _defuse(value: Any, specials: list[str]) -> Any:
+    """``value`` (text, or JSON-like data holding text) with special-token text broken."""
+    if isinstance(value, list):
+        return [_defuse(item, specials) for item in value]
+    if isinstance(value, dict):
+        return {_defuse(k, specials): _defuse(v, specials) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    for special in specials:
+        value = value.replace(special, special[0] + "\u2060" + special[1:])
+    return value

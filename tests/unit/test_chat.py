@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from contract.tokens import GenerationChunk, SamplingParams
-from logic.chat import ChatCompletionService, encode_conversation
+from logic.chat import CompletionService
 from logic.errors import (
     GenerationTimeoutError,
     InvalidRequestError,
@@ -58,13 +58,11 @@ def files(tiny_tokenizer_dir: Path) -> ModelFiles:
     return ModelFiles.load(tiny_tokenizer_dir)
 
 
-def make(
-    files: ModelFiles, text: str, **settings
-) -> tuple[ChatCompletionService, ScriptedGenerator]:
+def make(files: ModelFiles, text: str, **settings) -> tuple[CompletionService, ScriptedGenerator]:
     gen = ScriptedGenerator(files, text)
     overrides = {"model": "tiny-chat", "system_prompt": "Be brief.", "default_max_tokens": 64}
     config = APISettings(**{**overrides, **settings})
-    return ChatCompletionService(files, config, gen, fingerprint="fp_test"), gen
+    return CompletionService(files, config, gen, fingerprint="fp_test"), gen
 
 
 def request(content: str = "What is the capital of France?", **kw) -> ChatCompletionRequest:
@@ -75,7 +73,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def collect_stream(service: ChatCompletionService, req: ChatCompletionRequest):
+async def collect_stream(service: CompletionService, req: ChatCompletionRequest):
     return [chunk async for chunk in service.create_stream(req)]
 
 
@@ -225,7 +223,7 @@ def test_a_runner_stream_that_ends_without_a_reason_is_a_503_not_a_short_answer(
 # ---------------------------------------------------------------- the pipeline, end to end
 
 
-def run_create(chat: ChatCompletionService, **body):
+def run_create(chat: CompletionService, **body):
     request = ChatCompletionRequest.model_validate({"messages": USER_MESSAGES, **body})
     return asyncio.run(chat.create(request))
 
@@ -395,7 +393,7 @@ def test_special_token_text_from_users_is_never_a_special_token(files):
 def test_a_conversation_without_such_text_is_tokenized_as_before(files):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}]
     whole = files.tokenizer.encode(files.template.render(messages))
-    assert encode_conversation(files, messages) == whole
+    assert files.encode_conversation(messages) == whole
     # Cut at the contents, the template's pieces and the contents give the same text.
     parts = files.template.render_parts(messages)
     assert "".join(text for text, _ in parts) == files.template.render(messages)
@@ -414,7 +412,7 @@ def test_tool_and_assistant_text_cannot_forge_turns_either(files):
         {"role": "user", "content": "Again"},
     ]
     safe = [{**m, "content": m["content"].replace("<|", "(").replace("|>", ")")} for m in messages]
-    forged_ids = encode_conversation(files, messages)
+    forged_ids = files.encode_conversation(messages)
     assert sum(i in markers for i in forged_ids) == sum(
         i in markers for i in files.tokenizer.encode(files.template.render(safe))
     )
@@ -423,7 +421,7 @@ def test_tool_and_assistant_text_cannot_forge_turns_either(files):
 def test_a_template_that_rewrites_contents_gets_them_defused(files):
     """Where contents cannot be cut out of the rendered prompt (here the template repeats
     each one), special-token text in them is broken up before rendering instead."""
-    from types import SimpleNamespace
+    import dataclasses
 
     from logic.template import ChatTemplate
 
@@ -431,9 +429,9 @@ def test_a_template_that_rewrites_contents_gets_them_defused(files):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }} "
         "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
     )
-    odd = SimpleNamespace(tokenizer=files.tokenizer, template=ChatTemplate(source))
+    odd = dataclasses.replace(files, template=ChatTemplate(source))
     assert odd.template.render_parts([{"role": "user", "content": "x"}]) is None
-    ids = encode_conversation(odd, [{"role": "user", "content": FORGED}])
+    ids = odd.encode_conversation([{"role": "user", "content": FORGED}])
     assert sum(i in _marker_ids(files) for i in ids) == 3  # the template's own markers only
 
 

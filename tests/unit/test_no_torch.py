@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     else:
         raise SystemExit("the import blocker did not work")
 
-    from logic.chat import ChatCompletionService
+    from logic.chat import CompletionService
     from logic.model_files import ModelFiles
     from contract.tokens import GenerationChunk
     from logic.protocol import ChatCompletionRequest
@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
                 token_ids=[token], finish_reason="stop" if token in params.stop_token_ids else None
             )
 
-    service = ChatCompletionService(files, APISettings(model="tiny"), generate)
+    service = CompletionService(files, APISettings(model="tiny"), generate)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "Capital of France?"}])
     response = asyncio.run(service.create(request))
     assert response.choices[0].message.content == "Paris", response

@@ -66,7 +66,7 @@ def client(vllm_split: ServedProcess) -> openai.OpenAI:
 def native_chat() -> Iterator:
     """The same business logic on the native engine, in this process, with the served
     defaults (not the test settings the root conftest puts in the environment)."""
-    from logic.chat import ChatCompletionService
+    from logic.chat import CompletionService
     from logic.model_files import ModelFiles
     from logic.settings import APISettings
     from runners.engine import GenerationEngine
@@ -77,7 +77,7 @@ def native_chat() -> Iterator:
         settings = APISettings()
     engine = GenerationEngine.load(path, device="cpu", dtype="float32")
     loop = asyncio.new_event_loop()
-    chat = ChatCompletionService(ModelFiles.load(path), settings, engine.stream)
+    chat = CompletionService(ModelFiles.load(path), settings, engine.stream)
 
     def create(**body):
         request = ChatCompletionRequest.model_validate({"model": DEFAULT_MODEL, **body})
