@@ -26,6 +26,10 @@ def test_a_flood_on_a_small_kv_budget_is_answered_or_refused_never_failed():
     env.update(
         BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true",
         LLM_KV_CACHE_GIB=str(BUDGET_GIB), LLM_RUNNER_MAX_IN_FLIGHT="6",
+        # Requests queue for the budget here, and the idle timeout counts that wait: on a
+        # loaded machine the last of six waited past its default 60 s (a 504). This test is
+        # about admission, not timeouts (tests/unit/test_deadlines.py has those).
+        LLM_STREAM_IDLE_TIMEOUT="600",
     )  # fmt: skip
     with ServedProcess([BENTOML, "serve", "service:ChatAPI"], port=free_port(), env=env) as served:
 
