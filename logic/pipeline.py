@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from logic import pii
 from logic.errors import InvalidRequestError
+from logic.settings import APISettings
 
 # ---------------------------------------------------------------- conversation and steps
 
@@ -141,9 +142,9 @@ def system_prompt(settings: Any) -> PreStep:
     return lambda conversation: add_system_prompt(conversation, prompt)
 
 
-DEFAULT_MAX_MESSAGES = 256
-DEFAULT_MAX_MESSAGE_CHARS = 32_768
-DEFAULT_MAX_INPUT_CHARS = 131_072
+# The built-in steps' defaults are the API settings' own (stated once, in logic/settings.py),
+# for a settings object (any object: tests, your own) that lacks the attribute.
+_DEFAULTS = APISettings.model_construct()
 
 
 def check_input_limits(
@@ -193,9 +194,8 @@ def input_limits(settings: Any) -> PreStep:
     """Factory: ``settings.max_messages``, ``max_message_chars`` and ``max_input_chars``;
     a missing attribute takes the default, one set to None means no limit."""
     limits = {
-        "max_messages": getattr(settings, "max_messages", DEFAULT_MAX_MESSAGES),
-        "max_message_chars": getattr(settings, "max_message_chars", DEFAULT_MAX_MESSAGE_CHARS),
-        "max_input_chars": getattr(settings, "max_input_chars", DEFAULT_MAX_INPUT_CHARS),
+        name: getattr(settings, name, getattr(_DEFAULTS, name))
+        for name in ("max_messages", "max_message_chars", "max_input_chars")
     }
     return lambda conversation: check_input_limits(conversation, **limits)
 
@@ -222,8 +222,8 @@ def redact_conversation(
 
 @register_pre_step("redact_pii")
 def redact_pii(settings: Any) -> PreStep:
-    """Factory: ``settings.pii_mask`` is the mask format (default ``[{kind}]``)."""
-    mask = getattr(settings, "pii_mask", None) or pii.DEFAULT_MASK
+    """Factory: ``settings.pii_mask`` is the mask format (``LLM_PII_MASK``)."""
+    mask = getattr(settings, "pii_mask", None) or _DEFAULTS.pii_mask
     return lambda conversation: redact_conversation(conversation, mask=mask)
 
 

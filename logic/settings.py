@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 
 from contract.settings import CommonSettings, settings_of
+from logic.pii import DEFAULT_MASK
 
 
 class APISettings(CommonSettings):
@@ -54,6 +55,11 @@ class APISettings(CommonSettings):
         False,
         description="Mask e-mail addresses, phone and card numbers before the prompt reaches "
         "the model (runs first, before pre_steps).",
+    )
+    pii_mask: str = Field(
+        DEFAULT_MASK,
+        description="redact_pii: how a masked value is written; {kind} becomes EMAIL, PHONE or "
+        "CARD.",
     )
     step_modules: str = Field(
         "", description="Modules to import (comma-separated) that register your own steps."
