@@ -75,8 +75,7 @@ fix_request_timeout()
 # the API-only Bento does not even pack it. Otherwise the runner is declared here (runners/
 # imports no torch until it builds an engine), and Monolith can run its engine in-process.
 if not settings.runner_url:
-    from runners.llm import DECLARED_ENGINE, RUNNER_EXTRAS, LLMRunner, create_engine
-    from runners.metrics import engine_metrics
+    from runners.llm import DECLARED_ENGINE, RUNNER_EXTRAS, LLMRunner
 # BentoML's own request timeout sits a little past ours (LLM_API_TIMEOUT, enforced in logic/),
 # so ours fires first: it stops the generation and answers with an OpenAI-shaped 504.
 _TIMEOUT_MARGIN = 10
@@ -411,6 +410,8 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
         error = from_engine_error(exc)
         if isinstance(error, RunnerUnavailableError):
             logger.warning("runner unavailable: %s", exc)
+        elif isinstance(error, InternalServerError):
+            logger.error("generation failed in the runner: %s", exc)
         raise error from None
     except _RUNNER_TRANSPORT_ERRORS as exc:
         logger.warning("runner unavailable: %s", exc)
@@ -458,7 +459,7 @@ class ChatAPI(NativeAPI):
         self._client = self._runner_client()
 
     def _runner_client(self) -> RunnerClient | None:
-        """Our own HTTP client for the runner's URL (see runners/client.py for why).
+        """Our own HTTP client for the runner's URL (see api/runner_client.py for why).
 
         The URL is the runner process ``bentoml serve`` started, or the one given with
         ``--depends LLMRunner=URL`` when the runner runs elsewhere. Without one, BentoML would
@@ -531,7 +532,9 @@ monolith_app = create_openai_app()
 
 @bentoml.asgi_app(monolith_app, path="/v1")
 @bentoml.service(
-    resources={"gpu": 0 if settings.runner_url else DECLARED_ENGINE.gpus},
+    # Its engine's GPUs. (An API-only process, LLM_RUNNER_URL set, does not read runners/ to
+    # declare it; serving Monolith there, from a source tree, ignores the URL as before.)
+    resources={"gpu": 1 if settings.runner_url else DECLARED_ENGINE.gpus},
     workers=1,
     traffic={"timeout": settings.api_timeout + _TIMEOUT_MARGIN},
 )
@@ -542,6 +545,8 @@ class Monolith(NativeAPI):
 
     def __init__(self) -> None:
         configure_worker_logging("Monolith", settings.log_format, settings.log_level)
+        from runners.llm import create_engine  # not at the top: see the runners/ import there
+
         self.engine = create_engine(self.model.path)
         self.chat = _chat_service(
             self.model, lambda prompt_ids, params: _relay(self.engine.stream(prompt_ids, params))
@@ -550,6 +555,8 @@ class Monolith(NativeAPI):
 
     def __metrics__(self, content: str) -> str:
         """``/metrics``: BentoML's series, the API's, and the in-process engine's load."""
+        from runners.metrics import engine_metrics
+
         return content + engine_metrics(self.engine)
 
     @bentoml.on_shutdown

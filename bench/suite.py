@@ -76,7 +76,9 @@ from bench.serving import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-KV_CACHE_BYTES = 2 << 30  # the runner's KV budget for vLLM on a CPU (CPU_KV_CACHE_GIB)
+KV_CACHE_BYTES = (
+    2 << 30
+)  # the runner's KV budget for vLLM on a CPU (runners.settings.DEFAULT_CPU_KV_GIB)
 VLLM_START_TIMEOUT = 900  # vLLM compiles the model when it starts: minutes on a small CPU
 
 # The servers' names in the results; each run is "<name> (<n> clients)" or "(1 client)".

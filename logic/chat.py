@@ -167,6 +167,8 @@ class CompletionService:
         conversation = self.pipeline.before(
             Conversation.from_messages(history(request.messages, native=native))
         )
+        # After the pre-steps: they refuse a request first (input limits, your own checks).
+        response_format.check(plan.response_format)
         messages = with_instructions(conversation.messages, plan.instructions)
         prompt_ids = self._files.encode_conversation(messages, tools=plan.template_tools)
         # Template markers leaking as plain text end the turn as surely as the EOS token.

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contract.errors import EngineBusyError, EngineError, EngineRequestError
+from contract.errors import EngineBusyError, EngineClosedError, EngineError, EngineRequestError
 
 
 class APIError(Exception):
@@ -207,9 +207,12 @@ def _is_type_tag(part: str) -> bool:
 def from_engine_error(exc: EngineError) -> APIError:
     """The API's answer to a generation's failure, in-process engine or remote runner alike
     (contract/errors.py): at capacity is a 429, a request the engine cannot serve as asked a
-    400, a stopped engine or a failed generation a 503."""
+    400, a stopped engine a 503 (as a runner that is away), a generation that failed in the
+    runner a 500 (its details stay in the runner's log)."""
     if isinstance(exc, EngineBusyError):
         return ModelBusyError()
     if isinstance(exc, EngineRequestError):
         return InvalidRequestError(str(exc), code=exc.code, param=exc.param)
-    return RunnerUnavailableError()
+    if isinstance(exc, EngineClosedError):
+        return RunnerUnavailableError()
+    return InternalServerError()

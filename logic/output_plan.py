@@ -38,7 +38,8 @@ FREE = OutputPlan()
 
 def plan_output(request: ChatCompletionRequest, *, native_tools: bool) -> OutputPlan:
     """The plan for ``request``; ``native_tools``: the chat template renders tools itself.
-    Raises a 400 for tools or a schema that cannot be served."""
+    Raises a 400 for tools that cannot be served (a schema's own check,
+    :func:`logic.response_format.check`, comes after the pre-steps)."""
     tool_plan = tools.plan_tools(request, native=native_tools)
     fmt = request.response_format
     told = [response_format.instruction(fmt)]

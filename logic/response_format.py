@@ -1,7 +1,8 @@
 """``response_format``: what a chat answer's format asks of the prompt, of the runner's
 decoding, and of the whole answer.
 
-- :func:`instruction`: what the model is told (a schema that is not one is a 400 first);
+- :func:`check`: a schema that is not one is a 400;
+- :func:`instruction`: what the model is told;
 - :func:`structured_output`: what the runner constrains decoding to;
 - :func:`enforce`: the whole answer checked against the format (a 422 when it fails).
 
@@ -45,10 +46,9 @@ def structured_output(response_format: ResponseFormat | None) -> StructuredOutpu
 def instruction(response_format: ResponseFormat | None) -> str | None:
     """What the model is told of a JSON format, in the system message (the template's own
     place for instructions): the runner constrains the answer to it, and a model that knows
-    what it is writing fills it with better values. A schema that is not one is a 400."""
+    what it is writing fills it with better values. (:func:`check` it first.)"""
     if response_format is None or response_format.type == "text":
         return None
-    check(response_format)
     text = "Answer with one JSON value and nothing else."
     if response_format.type == "json_schema":
         schema = json.dumps(response_format.json_schema.json_schema, separators=(",", ":"))

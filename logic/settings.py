@@ -126,5 +126,7 @@ class APISettings(CommonSettings):
 
 
 def get_settings() -> APISettings:
-    """The API process's settings, validated once."""
+    """The API process's settings, validated once, as the environment gives them. Served from
+    a built Bento, the model is the version it recorded: ``service.settings`` (the one the
+    services use) is that, made by ``glue.bento.pin_bento_model``."""
     return settings_of(APISettings)

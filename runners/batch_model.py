@@ -523,6 +523,8 @@ def build_batch_model(
     """``paged`` (Llama family), ``transformers`` (anything), or ``auto``: paged when it can.
 
     The KV memory is ``kv_budget_bytes`` cut into blocks of ``block_size`` positions."""
+    if backend not in ("auto", "paged", "transformers"):
+        raise ValueError(f"unknown backend {backend!r}: auto, paged or transformers")
     if backend == "auto":
         reason = native_support(model.config)
         backend = "transformers" if reason else "paged"

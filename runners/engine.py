@@ -159,7 +159,7 @@ class GenerationEngine:
 
     ``stream`` may be called from any event loop (and from several). The model runs only on
     the scheduler thread, so forward passes never overlap. It is the ``native`` engine of
-    :class:`runners.engine_api.Engine`.
+    :class:`contract.engine.Engine`.
     """
 
     name = "native"

@@ -1,6 +1,6 @@
 """Structured outputs for the native engine: JSON schemas compiled to token masks by xgrammar.
 
-A request with :class:`~logic.protocol.StructuredOutput` gets a grammar compiled against the
+A request with :class:`~contract.tokens.StructuredOutput` gets a grammar compiled against the
 model's tokenizer (cached by the schema's text, by xgrammar's compiler) and a matcher of its
 own. At each step the engine asks the matcher which tokens keep the answer valid, masks the
 others out of that row's logits before sampling, and feeds the chosen token back. Once the

@@ -47,8 +47,10 @@ fix_request_timeout()  # for both services: service.py imports this module too
 # runner's resources are derived from. The runner's process resolves it again, with CUDA.
 DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
 # pyproject's package sets an image running the runner installs: vLLM only when asked for by
-# name (`make build ENGINE=vllm`), never because the build host happens to have it.
-RUNNER_EXTRAS = ("runner", "vllm") if settings.engine == "vllm" else ("runner",)
+# name, never because the build host happens to have it: LLM_ENGINE=vllm (`make build
+# ENGINE=vllm`) or the Bento's argument engine=vllm (bentofile.vllm.yaml's `args`).
+_ASKED = {settings.engine, getattr(bentoml.use_arguments(), "engine", None)}
+RUNNER_EXTRAS = ("runner", "vllm") if "vllm" in _ASKED else ("runner",)
 
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:

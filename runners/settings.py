@@ -76,7 +76,7 @@ class NativeEngineSettings(LLMSettings):
         description="Native engine: the model path. paged: batched with a paged KV cache "
         "(Llama-family models); transformers: transformers' own forward pass, one sequence "
         "at a time, for any causal LM; auto: paged where the model allows it, else "
-        "transformers.",
+        "transformers. Unset, LLM_ENGINE=native means paged and LLM_ENGINE=auto means auto.",
     )
     torch_threads: int | None = Field(
         None,
@@ -193,10 +193,19 @@ def resolve_engine(
     ``cuda_visible``: None while the services are declared (``service.py`` imported, in the
     API's processes too, so no torch): an ``auto`` that may become vLLM then asks for vLLM's
     GPUs. The runner's process passes what torch sees, when it builds the engine.
+
+    Our engine's model path: ``LLM_NATIVE_BACKEND``; with ``LLM_ENGINE=native`` and no
+    backend set, ``paged`` (it insists on the batched path); ``LLM_ENGINE=transformers`` is
+    ``native`` with the ``transformers`` backend.
     """
-    backend = "transformers" if runner.engine == "transformers" else native.native_backend
+    if runner.engine == "transformers":
+        backend = "transformers"
+    elif runner.engine == "native" and "native_backend" not in native.model_fields_set:
+        backend = "paged"  # LLM_ENGINE=native insists on the batched path, as it always did
+    else:
+        backend = native.native_backend
     if runner.device == "simulated":  # the simulation is our engine's, never vLLM's
-        if runner.engine == "vllm":
+        if runner.engine == "vllm" and cuda_visible is not None:  # refused when it is built
             raise ValueError("LLM_DEVICE=simulated runs our engine: set LLM_ENGINE=native")
         return EngineChoice("native", backend, gpus=1)
     if runner.engine == "vllm":

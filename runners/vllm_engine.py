@@ -1,7 +1,7 @@
 """vLLM behind the runner's token-id API (``LLM_ENGINE=vllm``).
 
 vLLM brings what users pick it for on GPUs: paged KV memory, prefix caching, CUDA graphs,
-tensor parallelism. This module adapts its ``AsyncLLM`` to :class:`runners.engine_api.Engine`,
+tensor parallelism. This module adapts its ``AsyncLLM`` to :class:`contract.engine.Engine`,
 so the runner service, the monolith, limits, cancellation, metrics and health checks work
 unchanged, and the API never learns which engine answered:
 
@@ -195,7 +195,7 @@ class _StepStats:
 
 
 class VLLMEngine:
-    """vLLM's ``AsyncLLM`` as an :class:`runners.engine_api.Engine`.
+    """vLLM's ``AsyncLLM`` as an :class:`contract.engine.Engine`.
 
     ``stream`` must be called on the event loop the engine was created on (or first used on):
     vLLM's output handler runs there. A served runner has one loop, so that always holds.

@@ -25,6 +25,7 @@ def test_the_vllm_bentofile_differs_from_the_default_only_by_vllm():
     default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     vllm = yaml.safe_load((ROOT / "bentofile.vllm.yaml").read_text())
     assert vllm["envs"].pop() == {"name": "LLM_ENGINE", "value": "vllm"}
+    assert vllm.pop("args") == {"engine": "vllm"}  # its image installs the `vllm` set
     assert vllm.pop("name") == "llm-bundle-vllm"
     assert vllm["labels"].pop("engine") == "vllm"
     # pyproject's `vllm` extra is what the Bento installs, built with LLM_ENGINE=vllm.

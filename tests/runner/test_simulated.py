@@ -112,7 +112,7 @@ def test_launches_wait_for_a_gil_holding_thread_in_this_process_not_for_another_
     os.sched_setaffinity(0, {cpus[0]})
     try:
         pinned_alone, with_process = [], []
-        for _ in range(4):
+        for _ in range(8):  # the fastest of each: one quiet moment on a loaded machine will do
             pinned_alone.append(timed(step))
             stop_process = multiprocessing.Event()
             other = multiprocessing.Process(target=_spin_forever, args=(stop_process, cpus[1]))

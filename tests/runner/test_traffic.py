@@ -1,4 +1,4 @@
-"""BentoML's request timeout, fixed (runners/traffic.py): a 504 when no response starts in
+"""BentoML's request timeout, fixed (glue/request_timeout.py): a 504 when no response starts in
 time, and nothing of a request left behind once it is over."""
 
 from __future__ import annotations
