@@ -6,7 +6,9 @@ timer, and through it the request's whole context (its tracing spans, its state)
 times the timeout (found by the soak test: about 5 KiB a request for 310 s in each API
 worker and in the runner). And a request whose handler fails before sending anything waits
 out the whole timeout. This replacement keeps the behaviour (a 504 when no response has
-started within the timeout) and disarms the timer as soon as the request is over.
+started within the timeout) and disarms the timer as soon as the request is over; and a request
+the server cancels as it stops (past its graceful-shutdown period) gets a 503 in OpenAI's
+shape, not a plain-text 500.
 
 No torch here: the API process imports this module.
 """
@@ -22,6 +24,19 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
+# OpenAI's error shape, as the API's own 503s (logic/errors.py).
+_STOPPING = JSONResponse(
+    {
+        "error": {
+            "message": "The server is shutting down; retry shortly.",
+            "type": "service_unavailable",
+            "param": None,
+            "code": "server_shutting_down",
+        }
+    },
+    status_code=503,
+    headers={"Retry-After": "1"},
+)
 
 
 async def _timeout_call(self: traffic.TimeoutMiddleware, scope: Scope, receive: Receive,
@@ -49,6 +64,15 @@ async def _timeout_call(self: traffic.TimeoutMiddleware, scope: Scope, receive: 
                 await JSONResponse(body, status_code=504)(scope, receive, send)
             return
         await handler
+    except asyncio.CancelledError:
+        # The server stops with this request still running: past its graceful-shutdown period
+        # uvicorn cancels what is left. Without a response yet, the client gets a 503 it can
+        # retry elsewhere rather than the server's plain-text 500. (A stream already started
+        # cannot be told: it is cut.)
+        if not started.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await _STOPPING(scope, receive, send)
+        raise
     finally:
         timer.cancel()
         if not handler.done():  # this request was cancelled: so is its handler

@@ -1,9 +1,11 @@
 """BentoML's request timeout, fixed (glue/request_timeout.py): a 504 when no response starts in
-time, and nothing of a request left behind once it is over."""
+time, nothing of a request left behind once it is over, and a 503 for a request the server
+cancels as it stops."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -62,3 +64,31 @@ def test_a_handler_that_fails_before_responding_fails_now_not_at_the_timeout():
     with pytest.raises(RuntimeError, match="handler failed"):
         asyncio.run(_call(TimeoutMiddleware(_app(0.01, fail=True), timeout=300)))
     assert time.monotonic() - started < 5
+
+
+def test_a_request_the_stopping_server_cancels_before_any_response_gets_a_503():
+    """Past its graceful-shutdown period uvicorn cancels the requests still running; one with
+    no response yet was a plain-text 500 from the server (seen under load: a whole answer
+    that outlived the grace period)."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        middleware = TimeoutMiddleware(_app(30), timeout=300)
+        request = asyncio.ensure_future(
+            middleware({"type": "http", "method": "POST", "path": "/"}, receive, send)
+        )
+        await asyncio.sleep(0.05)
+        request.cancel()  # what uvicorn does at the end of the grace period
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "server_shutting_down"
