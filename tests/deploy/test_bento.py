@@ -52,7 +52,7 @@ def test_each_image_installs_pyprojects_package_sets_and_the_api_none_of_the_run
     assert not _names(both) & (IMPORT_ONLY | {"bentoml"})  # `bentoml build` adds its own
     assert _names(both) <= declared
     image = bento_image(BuildSettings(), extras=["api"], with_runner=False)
-    assert image.python_requirements.split() == api
+    assert image.python_requirements.splitlines() == api
     assert Requirement(package_set(["vllm"])[-1]).name == "vllm"
 
 
@@ -103,6 +103,8 @@ def test_the_lock_holds_a_cuda_build_of_torch_and_every_runtime_dependency(bento
     from glue.image import package_set
 
     for requirement in map(Requirement, package_set(["api", "runner"])):
+        if requirement.marker and not requirement.marker.evaluate({"python_version": "3.11"}):
+            continue  # not for the image's Python (tomli, before 3.11)
         name = requirement.name
         assert name in pinned, f"{name} is not in the Bento's lock"
         assert requirement.specifier.contains(pinned[name]), (name, pinned[name])
