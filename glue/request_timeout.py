@@ -68,7 +68,8 @@ async def _timeout_call(self: traffic.TimeoutMiddleware, scope: Scope, receive: 
         # The server stops with this request still running: past its graceful-shutdown period
         # uvicorn cancels what is left. Without a response yet, the client gets a 503 it can
         # retry elsewhere rather than the server's plain-text 500. (A stream already started
-        # cannot be told: it is cut.)
+        # cannot be told: it is cut.) The handler is stopped first, so only one response starts.
+        handler.cancel()
         if not started.done():
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await _STOPPING(scope, receive, send)

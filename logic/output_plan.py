@@ -43,16 +43,17 @@ def plan_output(request: ChatCompletionRequest, *, native_tools: bool) -> Output
     tool_plan = tools.plan_tools(request, native=native_tools)
     fmt = request.response_format
     told = [response_format.instruction(fmt)]
+    if tool_plan is not None and not tool_plan.native:
+        told.append(tools.instruction(tool_plan))
+    instructions = tuple(t for t in told if t)
     if tool_plan is None:
         return OutputPlan(
-            instructions=tuple(t for t in told if t),
+            instructions=instructions,
             structured=response_format.structured_output(fmt),
             response_format=fmt,
         )
-    if not tool_plan.native:
-        told.append(tools.instruction(tool_plan))
     return OutputPlan(
-        instructions=tuple(t for t in told if t),
+        instructions=instructions,
         template_tools=tools.template_tools(tool_plan) if tool_plan.native else None,
         structured=tools.structured_output(tool_plan),
         tools=tool_plan,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 settings = pin_bento_model(runner_settings())
-fix_request_timeout()  # for both services: service.py imports this module too
+fix_request_timeout()  # the runner served alone (its Bento) never imports service.py
 # The engine as declared (no torch here: the API's processes import this module): what the
 # runner's resources are derived from. The runner's process resolves it again, with CUDA.
 DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
@@ -182,8 +182,8 @@ class LLMRunner:
         except (ValueError, RuntimeError) as exc:
             # Anything else: report in-band, keep the details here.
             logger.exception("generation failed")
-            yield json.dumps(to_wire(EngineError(f"generation failed: {type(exc).__name__}")))
-            yield "\n"
+            failed = EngineError(f"generation failed: {type(exc).__name__}")
+            yield json.dumps(to_wire(failed)) + "\n"
         finally:
             fields = {
                 "prompt_tokens": len(prompt_ids),
