@@ -41,7 +41,7 @@ from contract.tokens import FinishReason, GenerationChunk, SamplingParams, Token
 from runners.batch_model import BatchModel, Work, build_batch_model, kv_bytes_per_token
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
 from runners.sampling import RowParams, choose
-from runners.settings import DEFAULT_CPU_KV_GIB, NativeEngineSettings
+from runners.settings import DEFAULT_CPU_KV_GIB, DEVICE_LIMITS, NativeEngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-# Defaults per device: a CPU is compute-bound early, a GPU wants wide batches.
-_DEFAULT_LIMITS = {"cpu": (16, 512), "cuda": (128, 8192)}  # (max batch size, max step tokens)
 GIB = 1 << 30
 # Our engine's defaults: the settings class states them once (what load() is not given).
 _DEFAULTS = NativeEngineSettings.model_construct()
@@ -277,7 +275,7 @@ class GenerationEngine:
             )
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
-        default_batch, default_tokens = _DEFAULT_LIMITS.get(dev.type, _DEFAULT_LIMITS["cpu"])
+        default_batch, default_tokens = DEVICE_LIMITS.get(dev.type, DEVICE_LIMITS["cpu"])
         batch = max_batch_size or default_batch
 
         def build() -> BatchModel:
@@ -334,7 +332,7 @@ class GenerationEngine:
         """The engine on the SIMULATED accelerator, with a GPU's default limits."""
         from runners.simulated import build_simulated
 
-        batch, tokens = _DEFAULT_LIMITS["cuda"]
+        batch, tokens = DEVICE_LIMITS["cuda"]
         batch = max_batch_size or batch
 
         def build() -> BatchModel:

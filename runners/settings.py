@@ -19,6 +19,10 @@ from contract.settings import CommonSettings, LLMSettings, settings_of
 
 # KV memory on a CPU unless set, for either engine: host memory, shared with all else there.
 DEFAULT_CPU_KV_GIB = 2.0
+# Our engine's batch limits per device unless set: (max batch size, max step tokens). A CPU is
+# compute-bound early, a GPU wants wide batches.
+DEVICE_LIMITS = {"cpu": (16, 512), "cuda": (128, 8192)}
+_CPU, _CUDA = DEVICE_LIMITS["cpu"], DEVICE_LIMITS["cuda"]
 
 
 class RunnerSettings(CommonSettings):
@@ -52,13 +56,15 @@ class RunnerSettings(CommonSettings):
         "settings written before native_backend).",
     )
     max_batch_size: int | None = Field(
-        None, ge=1, description="Most sequences in one step (default: 16 on cpu, 128 on cuda)."
+        None,
+        ge=1,
+        description=f"Most sequences in one step (default: {_CPU[0]} on cpu, {_CUDA[0]} on cuda).",
     )
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
         description="Most tokens in one step, decode plus prefill chunks "
-        "(default: 512 on cpu, 8192 on cuda).",
+        f"(default: {_CPU[1]} on cpu, {_CUDA[1]} on cuda).",
     )
     runner_max_in_flight: int | None = Field(
         None,
