@@ -28,7 +28,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api test test-load test-vllm lint format \
+.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas test test-load test-vllm lint format \
 	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
 	test-containers base-image bench bench-topology bench-topology-sim
 
@@ -171,8 +171,17 @@ RUNNER_URL ?= http://127.0.0.1:$(RUNNER_PORT)
 serve-runner: model
 	$(START) --service-name LLMRunner --port $(RUNNER_PORT) --timeout-graceful-shutdown $(GRACE)
 
+# RUNNER_URL may name several runners, comma-separated, or a host name with several addresses:
+# the API routes between them (docs/operations.md, Scaling out).
 serve-api: model
-	$(START) --depends LLMRunner=$(RUNNER_URL) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
+	LLM_RUNNER_URL=$(RUNNER_URL) $(START) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
+
+# N runner replicas (each on its own port from RUNNER_PORT, the cores split between them) and
+# one API over them, on this host.
+N ?= 2
+serve-replicas: model
+	N=$(N) PY=$(PY) PORT=$(PORT) RUNNER_PORT=$(RUNNER_PORT) GRACE=$(GRACE) SERVICE=$(SERVICE) \
+		deploy/serve-replicas.sh
 
 # The engine benchmark, side by side on one workload: ours (native engine) vs `transformers
 # serve`, ours on vLLM vs `vllm serve`, our engine vs vLLM's in process, in-process generate;

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.router import RouterSettings, RunnerPool, parse_runner_urls
 from api.runner_client import RunnerClient, read_chunks
 from contract.errors import EngineError
 from contract.settings import tokenizer_tag
@@ -456,10 +457,11 @@ class ChatAPI(NativeAPI):
         configure_worker_logging("ChatAPI", settings.log_format, settings.log_level)
         self.chat = _chat_service(self.model, self._generate)
         api_app.state.chat = self.chat
-        self._client = self._runner_client()
+        self._runners = self._runner_pool()
 
-    def _runner_client(self) -> RunnerClient | None:
-        """Our own HTTP client for the runner's URL (see api/runner_client.py for why).
+    def _runner_pool(self) -> RunnerPool | None:
+        """Our own HTTP client for the runner's URL (see api/runner_client.py for why), one
+        per replica when LLM_RUNNER_URL names several (api/router.py routes between them).
 
         The URL is the runner process ``bentoml serve`` started, or the one given with
         ``--depends LLMRunner=URL`` when the runner runs elsewhere. Without one, BentoML would
@@ -477,38 +479,55 @@ class ChatAPI(NativeAPI):
                 )
             self.runner  # noqa: B018 - BentoML builds the runner here, in this process
             return None
-        logger.info("runner at %s", url)
-        return RunnerClient(
-            url, timeout=settings.runner_timeout, connect_timeout=settings.runner_connect_timeout
+        urls = parse_runner_urls(url)
+        logger.info("runner at %s", ", ".join(urls))
+        router = RouterSettings(
+            policy=settings.runner_routing,
+            balance_slack=settings.runner_balance_slack,
+            probe_interval=settings.runner_probe_interval,
+            dns_refresh=settings.runner_dns_refresh,
+            index_blocks=settings.runner_prefix_index_blocks,
+            index_ttl=settings.runner_prefix_index_ttl,
+        )
+        return RunnerPool(
+            urls,
+            router,
+            lambda replica: RunnerClient(
+                replica,
+                timeout=settings.runner_timeout,
+                connect_timeout=settings.runner_connect_timeout,
+            ),
+            metrics_key=settings.metrics_api_key,
         )
 
     async def __is_ready__(self) -> bool:
         """``/readyz``: this API is up and, unless ``LLM_READY_REQUIRES_RUNNER=false``, so is
         the runner it points at. ``/livez`` never looks at the runner: a runner that is away
         must not get the API restarted."""
-        if self._client is None or not settings.ready_requires_runner:
+        if self._runners is None or not settings.ready_requires_runner:
             return True
-        return await self._client.ready()
+        return await self._runners.ready()
 
     async def __metrics__(self, content: str) -> str:
         """``/metrics``: BentoML's series and ours (all API workers), then the runner's
         ``llm_runner_*`` load when the runner was started by the same ``bentoml serve`` (a
         runner elsewhere is scraped on its own port, so its series are not counted twice)."""
-        if self._client is not None and self._client.is_local:
-            content += await self._client.metrics(settings.metrics_api_key)
+        single = self._runners.single if self._runners is not None else None
+        if single is not None and single.client.is_local:
+            content += await single.client.metrics(settings.metrics_api_key)
         return content
 
     @bentoml.on_shutdown
     async def _close_runner_client(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        if self._runners is not None:
+            await self._runners.close()
 
     async def _generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
         rid = request_id.get()  # the runner logs its side of the request under the same id
-        if self._client is not None:
-            stream = self._client.generate(prompt_ids, params, request_id=rid)
+        if self._runners is not None:
+            stream = self._runners.generate(prompt_ids, params, request_id=rid)
         else:
             stream = read_chunks(
                 self.runner.generate(prompt_ids=prompt_ids, request_id=rid, **params.model_dump())

@@ -70,8 +70,12 @@ class GenerationChunk(BaseModel):
     """One step of a runner's stream: new token ids, and why it ended on the last one.
 
     ``logprobs`` has one entry per token id when the request asked for them, else None.
+    ``cached_tokens``, on the first chunk of engines that can tell, is how many prompt tokens
+    the engine found in its prefix cache (their KV reused, not computed): OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``.
     """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int | None = None

@@ -57,6 +57,7 @@ from logic.protocol import (
     GenerationRequest,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
@@ -104,18 +105,22 @@ class _Choice:
 
     index: int
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache held
     finish_reason: FinishReason | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobEntry] = field(default_factory=list)
 
 
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> Usage:
-    """The prompt counts once, every choice's tokens count."""
+    """The prompt counts once, every choice's tokens count. Cached: the prompt tokens no
+    choice had to compute (the fewest any choice found cached), where the engine tells."""
     completion = sum(c.completion_tokens for c in choices)
+    cached = [c.cached_tokens for c in choices if c.cached_tokens is not None]
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=min(cached)) if cached else None,
     )
 
 
@@ -271,6 +276,10 @@ class CompletionService:
         )
         async with contextlib.aclosing(stream):
             async for chunk in stream:
+                if chunk.cached_tokens is not None and choice.cached_tokens is None:
+                    choice.cached_tokens = chunk.cached_tokens
+                    if choice.index == 0:  # the prompt counts once
+                        metrics.cached(chunk.cached_tokens)
                 choice.completion_tokens += len(chunk.token_ids)
                 metrics.tokens(choice.index, len(chunk.token_ids))
                 ids, logprobs = chunk.token_ids, chunk.logprobs or []

@@ -37,6 +37,11 @@ INTER_TOKEN_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 PROMPT_TOKENS = Counter("llm_api_prompt_tokens", "Prompt tokens sent to the model.")
+CACHED_PROMPT_TOKENS = Counter(
+    "llm_api_cached_prompt_tokens",
+    "Prompt tokens the engine found in its prefix cache (not computed); over "
+    "llm_api_prompt_tokens, the prefix-hit fraction. Counted where the engine tells.",
+)
 COMPLETION_TOKENS = Counter(
     "llm_api_completion_tokens", "Tokens the model generated (cancelled generations included)."
 )
@@ -76,6 +81,10 @@ class GenerationMetrics:
         self._last[choice] = now
         self.completion_tokens += count
         COMPLETION_TOKENS.inc(count)
+
+    def cached(self, tokens: int) -> None:
+        """The engine found ``tokens`` of the prompt in its prefix cache."""
+        CACHED_PROMPT_TOKENS.inc(tokens)
 
     def cancelled(self, reason: str) -> None:
         CANCELLED.labels(reason=reason).inc()

@@ -269,10 +269,18 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV the engine's prefix cache already held
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # As OpenAI sends it; left out where the engine cannot tell.
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, exclude_if=lambda details: details is None
+    )
 
 
 class AssistantMessage(BaseModel):

@@ -8,6 +8,8 @@ so they apply to ``bentoml serve`` and are recorded by ``bentoml build``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 
 from contract.settings import CommonSettings, settings_of
@@ -23,9 +25,11 @@ class APISettings(CommonSettings):
     )
     runner_url: str | None = Field(
         None,
-        description="The runner the API talks to, when it runs elsewhere (`http://HOST:PORT`). "
-        "Set when `bentoml build` runs, the Bento holds the API alone: no runner, no torch "
-        "and no weights (bentofile.api.yaml); set at run time, it points that API at a runner.",
+        description="The runner the API talks to, when it runs elsewhere (`http://HOST:PORT`): "
+        "or several, comma-separated, and host names that resolve to several addresses (a "
+        "Kubernetes headless Service), each address a replica. Set when `bentoml build` runs, "
+        "the Bento holds the API alone: no runner, no torch and no weights "
+        "(bentofile.api.yaml); set at run time, it points that API at its runners.",
     )
     system_prompt: str | None = Field(
         "You are a helpful AI assistant.",
@@ -112,6 +116,42 @@ class APISettings(CommonSettings):
         description="The API's /readyz also waits for the runner's. Turn off where the runner "
         "is placed or scaled apart (Kubernetes, scale to zero): the API then stays in rotation "
         "and answers 503 itself while no runner is up.",
+    )
+    runner_routing: Literal["prefix", "least_loaded", "round_robin"] = Field(
+        "prefix",
+        description="Several runner replicas: which serves a request. prefix: the one expected "
+        "to hold the longest run of the prompt's KV blocks, among those within "
+        "runner_balance_slack requests of the least loaded; least_loaded; round_robin.",
+    )
+    runner_balance_slack: int = Field(
+        4,
+        ge=0,
+        description="prefix routing: how many more requests in flight than the least loaded "
+        "replica a replica may have and still be chosen for its cached prefix.",
+    )
+    runner_probe_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Several runner replicas: seconds between checks of each one's /readyz "
+        "and load; one that fails leaves the rotation until it answers again.",
+    )
+    runner_dns_refresh: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between resolutions of runner host names (new replicas join, "
+        "gone ones leave).",
+    )
+    runner_prefix_index_blocks: int = Field(
+        100_000,
+        ge=1,
+        description="prefix routing: KV block hashes remembered per replica (least recently "
+        "sent first out); 16 bytes and some overhead each.",
+    )
+    runner_prefix_index_ttl: float = Field(
+        600.0,
+        gt=0,
+        description="prefix routing: seconds a block sent to a replica is assumed still cached "
+        "there.",
     )
     runner_connect_timeout: float = Field(
         5.0,

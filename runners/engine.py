@@ -416,6 +416,7 @@ class GenerationEngine:
                 params.structured, params.stop_token_ids
             )
         self._submit(request)
+        first = True
         try:
             while True:
                 item = await request.queue.get()
@@ -432,7 +433,13 @@ class GenerationEngine:
                     if finish is not None or request.queue.empty():
                         break
                     item = request.queue.get_nowait()
-                yield GenerationChunk(token_ids=ids, finish_reason=finish, logprobs=logprobs)
+                # The first chunk says how much of the prompt the prefix cache held (the
+                # request was admitted, its blocks looked up, before any token came).
+                cached = request.alloc.cached_tokens if first and request.alloc else None
+                first = False
+                yield GenerationChunk(
+                    token_ids=ids, finish_reason=finish, logprobs=logprobs, cached_tokens=cached
+                )
                 if finish is not None:
                     return
         finally:

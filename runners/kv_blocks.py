@@ -23,23 +23,12 @@ Pure Python, no torch: one scheduler thread calls it, between steps.
 from __future__ import annotations
 
 import collections
-import hashlib
-from array import array
 from dataclasses import dataclass, field
 
+from contract.prefix import chain_hashes
+
 NULL_BLOCK = 0
-
-
-def chain_hashes(token_ids: list[int], block_size: int, parent: bytes = b"", start: int = 0):
-    """Hashes of the full blocks of ``token_ids`` from block ``start`` on, each covering every
-    token before it (``parent`` is the hash of block ``start - 1``). A keyed-free BLAKE2b:
-    collisions would hand one request another's KV, so Python's ``hash`` will not do."""
-    out = []
-    for begin in range(start * block_size, len(token_ids) - block_size + 1, block_size):
-        block = array("q", token_ids[begin : begin + block_size]).tobytes()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
-        out.append(parent)
-    return out
+__all__ = ["Allocation", "BlockPool", "PrefixCacheStats", "chain_hashes"]
 
 
 @dataclass(eq=False)

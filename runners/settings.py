@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from contract.prefix import DEFAULT_BLOCK_SIZE
 from contract.settings import CommonSettings, LLMSettings, settings_of
 
 # KV memory on a CPU unless set, for either engine: host memory, shared with all else there.
@@ -111,7 +112,10 @@ class NativeEngineSettings(LLMSettings):
         "the KV cache takes unless kv_cache_gib is set; the rest is for activations.",
     )
     kv_block_size: int = Field(
-        16, ge=1, le=1024, description="Native engine: token positions per KV block."
+        DEFAULT_BLOCK_SIZE,
+        ge=1,
+        le=1024,
+        description="Native engine: token positions per KV block.",
     )
     prefix_caching: bool = Field(
         True,

@@ -217,6 +217,7 @@ class VLLMEngine:
         self.max_batch_size = config.scheduler_config.max_num_seqs
         self.max_in_flight = max_in_flight or 2 * self.max_batch_size
         self.context_length = config.model_config.max_model_len
+        self.block_size = config.cache_config.block_size  # for the API's router (/metrics)
         self.vocab_size = config.model_config.get_vocab_size()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -273,6 +274,8 @@ class VLLMEngine:
         return [
             Series("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.",
                    round(step.kv_cache_usage, 6)),
+            Series("kv_cache_block_tokens", "gauge", "Token positions per KV block.",
+                   self.block_size),
             Series("prefix_cache_queries_total", "counter",
                    "Prompt tokens looked up in the prefix cache.", step.prefix_queries),
             Series("prefix_cache_hits_total", "counter",
@@ -309,12 +312,15 @@ class VLLMEngine:
         outputs = self._engine.generate(
             {"prompt_token_ids": list(prompt_ids)}, sampling, f"llm-{next(self._ids)}"
         )
-        ended = False
+        ended, first = False, True
         try:
             # aclosing: leaving early closes vLLM's generator, which aborts the request.
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     chunk = self._chunk(output, params)
+                    if first:  # vLLM counts the prompt tokens its prefix cache held
+                        chunk.cached_tokens = getattr(output, "num_cached_tokens", None)
+                        first = False
                     if chunk.finish_reason is not None:
                         ended = True
                         self.stats.finished += 1

@@ -38,10 +38,11 @@ class ServedProcess:
         env: dict[str, str],
         cwd: Path = ROOT,
         start_timeout: float = 180,
+        host: str = "127.0.0.1",
     ):
-        self.command = [*command, "--host", "127.0.0.1", "--port", str(port)]
+        self.command = [*command, "--host", host, "--port", str(port)]
         self.start_timeout = start_timeout
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- read back on failure, closed in stop

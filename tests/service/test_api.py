@@ -42,7 +42,27 @@ def test_seeded_requests_are_reproducible_through_the_api(client):
     first = client.post("/v1/chat/completions", json=body).json()
     second = client.post("/v1/chat/completions", json=body).json()
     assert first["choices"][0]["message"] == second["choices"][0]["message"]
-    assert first["usage"] == second["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [first["usage"][k] for k in counts] == [second["usage"][k] for k in counts]
+
+
+def test_usage_says_how_much_of_the_prompt_the_prefix_cache_held(client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, from the engine's own count: the
+    same prompt again finds its full KV blocks cached (all but the last token, which is always
+    computed for its logits); whole and streamed alike."""
+    messages = [{"role": "user", "content": "Name three colours of the rainbow, please. " * 3}]
+    body = {"messages": messages, "max_tokens": 3, "temperature": 0}
+    client.post("/v1/chat/completions", json=body)
+    again = client.post("/v1/chat/completions", json=body).json()["usage"]
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["prompt_tokens"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: {")]
+    assert json.loads(events[-1])["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    other = {**body, "messages": [{"role": "user", "content": "Something else entirely."}]}
+    fresh = client.post("/v1/chat/completions", json=other).json()["usage"]
+    assert fresh["prompt_tokens_details"]["cached_tokens"] < cached
 
 
 def test_streaming_sends_sse_chunks_then_done(client):
@@ -439,7 +459,7 @@ def test_a_runner_that_cannot_be_reached_is_a_503(client, monkeypatch, failure):
             raise failure()
             yield  # an async generator, like the real one
 
-    monkeypatch.setattr(api, "_client", Unreachable())
+    monkeypatch.setattr(api, "_runners", Unreachable())
     for stream in (False, True):
         body = {"messages": USER, "max_tokens": 2, "stream": stream}
         resp = client.post("/v1/chat/completions", json=body)
