@@ -21,8 +21,8 @@ larger):
 3. ties (a new conversation: every replica holds the shared system prompt, or nothing) go
    by rendezvous hashing on the first block past the common prefix, so that every API
    worker, each with an index of its own, sends a new conversation and its later turns to
-   the same replica without sharing state; a prompt shorter than a block goes to the least
-   loaded.
+   the same replica without sharing state (reason ``hash`` when nothing of it is known
+   anywhere); a prompt shorter than a block goes to the least loaded.
 
 This is SGLang's cache-aware rule (cache first while loads are balanced, least-loaded when
 not) with its threshold in requests rather than a ratio; NVIDIA Dynamo's KV router weighs
@@ -89,8 +89,9 @@ _AFFINITY_SECONDS = 60.0  # how long the n choices of one request keep to its re
 ROUTED = Counter(
     "llm_api_runner_routed",
     "Requests sent to each runner replica, by why it was chosen (prefix: the longest cached "
-    "prefix; balance: the least loaded; round_robin; only_one_up; retry: after a failure "
-    "elsewhere; affinity: another choice of the same request).",
+    "prefix; hash: no replica known to hold more of it, placed by rendezvous hash (a new "
+    "conversation); balance: the least loaded; round_robin; only_one_up; retry: after a "
+    "failure elsewhere; affinity: another choice of the same request).",
     ["replica", "reason"],
 )
 OUTCOMES = Counter(
@@ -415,6 +416,7 @@ class RunnerPool:
         candidates = [r for r in up if r.load <= least + self.settings.balance_slack]
         longest = max(matched[r] for r in candidates)
         tied = [r for r in candidates if matched[r] == longest]
+        reason = "prefix"
         if len(tied) == 1:
             best = tied[0]
         elif longest < len(hashes):
@@ -425,9 +427,10 @@ class RunnerPool:
             key = hashes[longest]
             best = max(tied, key=lambda r: hashlib.blake2b(key + r.url.encode(),
                                                            digest_size=8).digest())  # fmt: skip
+            reason = "prefix" if longest else "hash"
         else:  # no full block to go by
             best = min(tied, key=lambda r: (r.load, order[r]))
-        reason = "prefix" if matched[best] > 0 else "balance"
+            reason = "prefix" if longest else "balance"
         if max(matched.values()) > matched[best]:  # a replica holding more was too busy
             reason = "balance"
         return best, reason, matched[best]

@@ -85,6 +85,14 @@ def test_api_and_runner_are_two_deployments_of_their_own_images_wired_by_the_run
         assert selector.items() <= pod_labels.items()
 
 
+def test_the_runner_service_is_headless_so_the_api_sees_each_runner_pod():
+    """One DNS address per ready runner pod, which the API's router resolves and routes
+    between (api/router.py); a ClusterIP would hide the pods behind kube-proxy."""
+    service = _one(_k8s_objects(), "Service", "llm-runner")
+    assert service["spec"]["clusterIP"] == "None"
+    assert not service["spec"].get("publishNotReadyAddresses")  # a loading pod is not routed
+
+
 def test_the_runner_gets_a_gpu_node_and_both_have_probes_and_resource_requests():
     objects = _k8s_objects()
     runner = _one(objects, "Deployment", "llm-runner")
@@ -236,6 +244,16 @@ def test_the_gpu_override_reserves_a_gpu_and_the_cpu_one_none():
     assert gpu["environment"]["LLM_DEVICE"] == "cuda"
     cpu = _compose("compose.cpu.yaml")["services"]["llm-runner"]
     assert "deploy" not in cpu and cpu["environment"]["LLM_DEVICE"] == "cpu"
+
+
+def test_the_replicas_override_scales_the_runner_and_splits_the_cores():
+    compose = _compose("compose.cpu.yaml", "compose.replicas.yaml")
+    runner, api = compose["services"]["llm-runner"], compose["services"]["api"]
+    assert runner["scale"] == 2 and "ports" not in runner  # no host port to collide on
+    assert runner["environment"]["LLM_TORCH_THREADS"] == "${LLM_TORCH_THREADS:-1}"
+    assert runner["environment"]["LLM_DEVICE"] == "cpu"
+    # The service name, which Docker's DNS answers with every replica's address.
+    assert api["environment"]["LLM_RUNNER_URL"] == "http://llm-runner:3000"
 
 
 def _grace(args: list[str]) -> int:

@@ -120,6 +120,20 @@ def test_a_conversation_follows_the_replica_that_holds_its_earlier_turns():
     run(go())
 
 
+def test_api_workers_that_share_no_state_place_a_new_conversation_alike():
+    """Each API worker has an index of its own: a conversation's turns that reach different
+    workers still meet on one replica (rendezvous hash on the first block nobody holds)."""
+    workers = [pool_of([A, B, C]) for _ in range(2)]
+    for u in range(12):
+        prompt = [5000 * u + i for i in range(2 * BS)]
+        hashes = chain_hashes(prompt, BS)
+        (first, reason, _), (second, _, _) = (w.pick(hashes) for w in workers)
+        assert first.url == second.url and reason == "hash"
+    one = workers[0]
+    spread = {one.pick(chain_hashes([9000 * u] * (2 * BS), BS))[0].url for u in range(12)}
+    assert spread == {A, B, C}  # new conversations spread over the replicas
+
+
 def test_a_shared_prefix_goes_where_it_is_cached_until_loads_differ_by_the_slack():
     pool = pool_of([A, B], slack=2)
     shared = list(range(4 * BS))
