@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -93,12 +94,26 @@ class ServedProcess:
         """SIGTERM to the whole process group, SIGKILL if it lingers."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        workers = self.process.children(recursive=True)
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        _, left = psutil.wait_procs(workers, timeout=10)
+        for worker in left:  # in a session of its own, it outlived the group's signal
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to the server and every process under it, at once, as a crashed machine
+        would (its workers run in sessions of their own: a process-group kill misses them)."""
+        tree = [*self.process.children(recursive=True), self.process]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(tree, timeout=10)
 
     def close(self) -> None:
         self.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -206,7 +205,7 @@ def test_a_replica_killed_under_load_loses_no_unstarted_request_and_is_used_agai
     in_flight = _in_flight(url)
     victim = max(cluster.runners, key=lambda r: in_flight.get(r, 0))
     on_victim = int(in_flight[victim])
-    os.killpg(cluster.runners[victim].proc.pid, signal.SIGKILL)
+    cluster.runners[victim].kill()
 
     # New requests right after the kill: those the router still sends to the dead replica
     # fail before any token and are sent to the live one; none is lost.
