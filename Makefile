@@ -221,6 +221,15 @@ bench-topology-sim: model
 	$(PY) -m bench.topology --device simulated --out docs/topology/simulated-gpu \
 		$(TOPOLOGY_SIM_ARGS)
 
+# Routing over runner replicas, side by side in one run: round robin, least-loaded and
+# prefix-aware on a chat-product workload, at 2 and 4 replicas on the SIMULATED GPU, then 2
+# replicas of the real model on this host's cores: docs/replicas/{simulated,cpu}/report.md.
+REPLICAS_SIM_ARGS ?= --replicas 2,4
+REPLICAS_CPU_ARGS ?= --replicas 2 --users 12 --turns 3 --clients 4 --min-tokens 16 --max-tokens 32
+bench-replicas: model
+	$(PY) -m bench.replicas --device simulated $(REPLICAS_SIM_ARGS)
+	$(PY) -m bench.replicas --device cpu $(REPLICAS_CPU_ARGS)
+
 # The GPU check, for the GPU machine we can borrow: Python 3.12 with torch and transformers,
 # no BentoML, no vLLM, no network. `make gpu-wheels` (here) downloads the few pure-Python
 # packages the runner's tests need into $(GPU_WHEELS) (a few MB: carry it along); there,

@@ -517,6 +517,13 @@ class ChatAPI(NativeAPI):
             content += await single.client.metrics(settings.metrics_api_key)
         return content
 
+    @bentoml.on_startup
+    async def _watch_runner_replicas(self) -> None:
+        """Each API worker probes its runner replicas from the start, not from its first
+        request: a worker that has served nothing yet must still know which are up."""
+        if self._runners is not None:
+            self._runners.start()
+
     @bentoml.on_shutdown
     async def _close_runner_client(self) -> None:
         if self._runners is not None:

@@ -38,6 +38,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -47,6 +48,7 @@ from pathlib import Path
 
 from bench.serving import percentile
 from bench.suite import server
+from tests.served import own_home
 
 START = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
 POLICIES = ("round_robin", "least_loaded", "prefix")
@@ -199,18 +201,21 @@ def run_one(args, replicas: int, policy: str, users: list[User], logs: Path) -> 
         env["LLM_ENGINE"] = "native"
     runner_env = {**env, "LLM_TORCH_THREADS": str(threads)}
     tag = f"{replicas}x-{policy}"
+    store = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
     with ExitStack() as stack:
+        homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-replicas-")))
         urls = []
         for i in range(replicas):
             port = args.port + 1 + i
             urls.append(f"http://127.0.0.1:{port}")
             cmd = [*START, "service:ChatAPI", "--service-name", "LLMRunner", "--port", str(port)]
-            stack.enter_context(
-                server(cmd, f"{urls[-1]}/readyz", logs / f"{tag}-runner{i}.log", runner_env)
-            )
+            home = {"BENTOML_HOME": own_home(store, homes)}  # tests/served.py says why
+            stack.enter_context(server(cmd, f"{urls[-1]}/readyz", logs / f"{tag}-runner{i}.log",
+                                       {**runner_env, **home}))  # fmt: skip
         api_url = f"http://127.0.0.1:{args.port}"
         api_env = {**env, "LLM_RUNNER_URL": ",".join(urls), "LLM_RUNNER_ROUTING": policy,
-                   "LLM_API_WORKERS": str(args.api_workers)}  # fmt: skip
+                   "LLM_API_WORKERS": str(args.api_workers),
+                   "BENTOML_HOME": own_home(store, homes)}  # fmt: skip
         api_cmd = [*START, "service:ChatAPI", "--port", str(args.port)]
         stack.enter_context(server(api_cmd, f"{api_url}/readyz", logs / f"{tag}-api.log", api_env))
         time.sleep(2 * 0.5 + 2)  # the router's first probes (every 2 s) have seen every replica
@@ -318,11 +323,13 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_one(args, replicas, policy, users, logs))
 
     lines = targets(results)
+    cpu = platform.processor() or platform.machine()
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     report = "\n".join([
         f"# Routing over runner replicas: {args.device}",
         "",
-        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, with `python -m bench.replicas {' '.join(argv or sys.argv[1:])}`.",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu}, "
+        f"{os.cpu_count()} cores, with `python -m bench.replicas {command}`.",
         f"{args.users} users x {args.turns} turns, {args.clients} in conversation at once, "
         f"answers of {args.min_tokens}-{args.max_tokens} tokens, greedy; every user's system "
         "prompt starts with the same tenant-wide prompt.",

@@ -27,11 +27,21 @@ fi
 threads=${LLM_TORCH_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}
 start=("$PY" -m bentoml_cli._internal.start start-http-server "$SERVICE")
 
+# Each server a BENTOML_HOME of its own over the one model store: BentoML keeps its metrics
+# files in $BENTOML_HOME/prometheus_multiproc_dir and every server start wipes that folder,
+# so servers sharing a home would lose each other's series and report each other's load.
+store=${BENTOML_HOME:-$HOME/bentoml}
+homes=$(mktemp -d -t llm-replicas.XXXXXX)
+own_home() {
+    mkdir -p "$homes/$1" && ln -s "$store/models" "$homes/$1/models" && echo "$homes/$1"
+}
+
 pids=()
 stop() {
     trap - INT TERM EXIT
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    rm -rf "$homes"
 }
 trap stop INT TERM EXIT
 
@@ -40,7 +50,8 @@ for ((i = 0; i < N; i++)); do
     port=$((RUNNER_PORT + i))
     urls+=("http://$HOST:$port")
     echo "runner replica $i on :$port ($threads torch thread(s))" >&2
-    LLM_TORCH_THREADS=$threads "${start[@]}" --service-name LLMRunner --host "$HOST" \
+    BENTOML_HOME=$(own_home "runner-$i") LLM_TORCH_THREADS=$threads \
+        "${start[@]}" --service-name LLMRunner --host "$HOST" \
         --port "$port" --timeout-graceful-shutdown "$GRACE" &
     pids+=($!)
 done
@@ -49,7 +60,8 @@ runner_urls=$(IFS=,; echo "${urls[*]}")
 echo "API on :$PORT over $runner_urls" >&2
 # The API alone (LLM_RUNNER_URL set: no runner in its graph, no torch in its process). It is
 # ready once one replica is; the router brings the others in as they come up.
-LLM_RUNNER_URL=$runner_urls "${start[@]}" --port "$PORT" --timeout-graceful-shutdown "$GRACE" &
+BENTOML_HOME=$(own_home api) LLM_RUNNER_URL=$runner_urls \
+    "${start[@]}" --port "$PORT" --timeout-graceful-shutdown "$GRACE" &
 api=$!
 pids=("$api" "${pids[@]}")
 wait "$api"

@@ -22,6 +22,16 @@ BENTOML = str(Path(sys.executable).with_name("bentoml"))
 START_HTTP_SERVER = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
 
 
+def own_home(store_home: str, root: Path) -> str:
+    """A BENTOML_HOME of its own for one server of several on this host, sharing the model
+    store of ``store_home``. BentoML keeps its metrics files in ``$BENTOML_HOME/
+    prometheus_multiproc_dir`` and every server start wipes that folder: servers that share
+    a home lose each other's series and report each other's load."""
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-", dir=root))
+    (home / "models").symlink_to(Path(store_home) / "models")
+    return str(home)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pytest
 from contract.settings import DEFAULT_MODEL
 from tests.conftest import USER_BENTOML_HOME
 from tests.e2e.test_serve import default_model_in_store
-from tests.served import START_HTTP_SERVER, ServedProcess, free_port, scrape
+from tests.served import START_HTTP_SERVER, ServedProcess, free_port, own_home, scrape
 
 HOSTS = ("127.0.0.1", "127.0.0.2")
 HOSTS_FILE = Path("/etc/hosts")
@@ -32,8 +33,11 @@ DNS_NAME = "llm-runners.replicas-test.internal"
 
 
 def _env(**extra: str) -> dict[str, str]:
+    """Each server a BENTOML_HOME of its own over the one model store (tests/served.py says
+    why: its metrics would be wiped by the next server's start)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-    env.update(BENTOML_HOME=USER_BENTOML_HOME, BENTOML_DO_NOT_TRACK="true", **extra)
+    home = own_home(USER_BENTOML_HOME, Path(tempfile.gettempdir()))
+    env.update(BENTOML_HOME=home, BENTOML_DO_NOT_TRACK="true", **extra)
     return env
 
 
@@ -64,14 +68,17 @@ def cluster() -> Iterator[Cluster]:
         pytest.skip(f"{DEFAULT_MODEL} is not in {USER_BENTOML_HOME}: run `make model`")
     port = free_port()
     runners = {f"http://{host}:{port}": _runner(host, port) for host in HOSTS}
-    with ExitStack() as stack:
+    cluster = Cluster(_api(",".join(runners)), runners, port)
+    try:
         for runner in runners.values():  # both load the model at once
-            stack.callback(runner.close)
             runner.launch()
         for runner in runners.values():
             runner.wait_ready()
-        api = stack.enter_context(_api(",".join(runners)))
-        yield Cluster(api, runners, port)
+        cluster.api.start()
+        yield cluster
+    finally:  # what is there at the end: a test may have replaced a runner
+        for served in [cluster.api, *cluster.runners.values()]:
+            served.close()
 
 
 def chat(url: str, messages: list[dict], max_tokens: int = 16, timeout: float = 300) -> dict:
