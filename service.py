@@ -484,6 +484,7 @@ class ChatAPI(NativeAPI):
         router = RouterSettings(
             policy=settings.runner_routing,
             balance_slack=settings.runner_balance_slack,
+            min_match=settings.runner_prefix_min_match,
             probe_interval=settings.runner_probe_interval,
             dns_refresh=settings.runner_dns_refresh,
             index_blocks=settings.runner_prefix_index_blocks,

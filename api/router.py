@@ -16,21 +16,26 @@ larger):
 
 1. the candidates are the replicas within ``runner_balance_slack`` requests of the least
    loaded one;
-2. among them, the one whose index holds the longest run of the prompt's leading blocks
-   serves it: reason ``prefix`` (``balance`` when a replica holding more was too busy);
-3. ties (a new conversation: every replica holds the shared system prompt, or nothing) go
-   by rendezvous hashing on the first block past the common prefix, so that every API
-   worker, each with an index of its own, sends a new conversation and its later turns to
-   the same replica without sharing state (reason ``hash`` when nothing of it is known
-   anywhere); a prompt shorter than a block goes to the least loaded.
+2. when a candidate holds at least ``runner_prefix_min_match`` of the prompt's full blocks
+   (a later turn of a conversation), the candidate holding the longest run of its leading
+   blocks serves it: reason ``prefix`` (``balance`` when a replica holding more was too
+   busy);
+3. otherwise (a new conversation: at most a shared system prompt is held anywhere) any
+   candidate will do: a rendezvous hash on the first block no replica is known to hold
+   picks it (reason ``hash``), so that every API worker, each with an index of its own,
+   sends a new conversation and its later turns to the same replica without sharing state,
+   and new conversations spread rather than pile onto the replica that happens to hold the
+   shared prompt; a prompt shorter than a block goes to the least loaded.
 
-This is SGLang's cache-aware rule (cache first while loads are balanced, least-loaded when
-not) with its threshold in requests rather than a ratio; NVIDIA Dynamo's KV router weighs
-the blocks to prefill against active blocks in one cost instead. The slack is what a cache
-hit may cost in queueing: on a replica ``slack`` requests busier, each step carries that many
-more sequences, a few per cent of a decode step each on a GPU (decode is memory-bound), while
-a hit saves the prefill of every matched block. The default (4) is where ``make
-bench-replicas`` measured the best TTFT at balance within 1.5x; see ``docs/operations.md``.
+This is SGLang's cache-aware rule (go for the cache when the match is worth it and loads are
+balanced; otherwise spread) with its balance threshold in requests rather than a ratio;
+NVIDIA Dynamo's KV router weighs the blocks to prefill against active blocks in one cost
+instead. The slack is what a cache hit may cost in queueing: on a replica ``slack`` requests
+busier, each step carries that many more sequences, a few per cent of a decode step each on
+a GPU (decode is memory-bound), while a hit saves the prefill of every matched block. The
+defaults (slack 4, a half of the blocks, SGLang's cache threshold) are where ``make
+bench-replicas`` measured TTFT and throughput at their best with balance within 1.5x; the
+sweep is in ``docs/replicas/``.
 ``least_loaded`` and ``round_robin`` are there for comparison. The ``n`` choices of one
 request go to one replica (the first choice's, by request id), which computes their prompt
 once.
@@ -57,6 +62,7 @@ import hashlib
 import ipaddress
 import itertools
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -186,6 +192,7 @@ class Replica:
 class RouterSettings:
     policy: Policy = "prefix"
     balance_slack: int = 4
+    min_match: float = 0.5
     probe_interval: float = 2.0
     dns_refresh: float = 5.0
     index_blocks: int = 100_000
@@ -411,27 +418,32 @@ class RunnerPool:
         least = min(r.load for r in up)
         if policy == "least_loaded":
             return min(up, key=lambda r: (r.load, order[r])), "balance", 0
+        candidates = [r for r in up if r.load <= least + self.settings.balance_slack]
+        if not hashes:  # shorter than a block: nothing to go by
+            return min(candidates, key=lambda r: (r.load, order[r])), "balance", 0
         now = time.monotonic()
         matched = {r: r.index.match(hashes, now) for r in up}
-        candidates = [r for r in up if r.load <= least + self.settings.balance_slack]
+        known = max(matched.values())  # the longest run of it any replica is known to hold
         longest = max(matched[r] for r in candidates)
-        tied = [r for r in candidates if matched[r] == longest]
-        reason = "prefix"
+        worth = max(1, math.ceil(self.settings.min_match * len(hashes)))
+        if longest >= worth:  # a hit worth going for: the candidates holding the most
+            tied = [r for r in candidates if matched[r] == longest]
+            reason = "prefix"
+        else:
+            # No candidate holds enough of it (a new conversation: at most a shared system
+            # prompt, which every replica soon holds): any candidate will do, chosen by a
+            # rendezvous hash on the first block no replica is known to hold, so that every
+            # API worker, each with an index of its own, sends it (and then its later turns)
+            # to the same replica without sharing any state, and new conversations spread.
+            tied = candidates
+            reason = "hash"
         if len(tied) == 1:
             best = tied[0]
-        elif longest < len(hashes):
-            # Ties (no replica known to hold more of it than the others): rendezvous hashing
-            # on the first block past the common prefix, so every API worker, each with an
-            # index of its own, sends a new conversation (and then its later turns) to the
-            # same replica without sharing any state.
-            key = hashes[longest]
+        else:
+            key = hashes[min(known, len(hashes) - 1)]
             best = max(tied, key=lambda r: hashlib.blake2b(key + r.url.encode(),
                                                            digest_size=8).digest())  # fmt: skip
-            reason = "prefix" if longest else "hash"
-        else:  # no full block to go by
-            best = min(tied, key=lambda r: (r.load, order[r]))
-            reason = "prefix" if longest else "balance"
-        if max(matched.values()) > matched[best]:  # a replica holding more was too busy
+        if known >= worth and matched[best] < known:  # a replica holding more was too busy
             reason = "balance"
         return best, reason, matched[best]
 

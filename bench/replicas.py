@@ -83,21 +83,43 @@ class User:
     max_tokens: list[int]
 
 
-def make_users(n: int, turns: int, *, min_tokens: int, max_tokens: int, seed: int = 0):
-    """``n`` users (the same for a seed): the tenant prompt, then a prompt of their own."""
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]  # fmt: skip
+
+
+def tenant_prompt(seed: int = 0) -> str:
+    """The product's instructions and its destination notes: the same for every user."""
     rng = random.Random(seed)
+    notes = " ".join(
+        f"{city}: flights daily, hotels from {rng.randint(40, 200)} euros a night, best in "
+        f"{rng.choice(MONTHS)}." for city in CITIES
+    )  # fmt: skip
+    return TENANT + "Destinations we serve. " + notes + " "
+
+
+def make_users(
+    n: int, turns: int, *, min_tokens: int, max_tokens: int, bookings: int = 60, seed: int = 0
+):
+    """``n`` users (the same for a seed): the tenant prompt, then a prompt of their own (who
+    they are and their ``bookings`` past bookings: what a support bot is given)."""
+    rng = random.Random(seed)
+    tenant = tenant_prompt(seed)
     users = []
     for i in range(n):
         name, city = NAMES[i % len(NAMES)], rng.choice(CITIES)
-        trips = ", ".join(f"{rng.choice(CITIES)} on day {rng.randint(1, 28)}" for _ in range(6))
+        history = " ".join(
+            f"{rng.randint(2019, 2026)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}: "
+            f"{rng.choice(CITIES)}, {rng.randint(1, 14)} nights, {rng.randint(90, 2400)} euros."
+            for _ in range(bookings)
+        )  # fmt: skip
         own = (
             f"You are talking to {name} (customer {1000 + i}), who prefers "
             f"{rng.choice(['short', 'detailed', 'playful', 'formal'])} answers. {name} is "
-            f"booked to fly to {city}, and has travelled to {trips}. "
+            f"booked to fly to {city}. Past bookings: {history} "
         )
         questions = [rng.choice(QUESTIONS).format(city=city) for _ in range(turns)]
         budgets = [rng.randint(min_tokens, max_tokens) for _ in range(turns)]
-        users.append(User(TENANT + own, questions, budgets))
+        users.append(User(tenant + own, questions, budgets))
     return users
 
 
@@ -190,17 +212,20 @@ class Result:
     ttft_p95_s: float | None
     cached_fraction: float
     balance: float | None  # most requests on a replica / fewest
+    mean_prompt_tokens: float = 0.0
     per_replica: dict[str, float] = field(default_factory=dict)
 
 
-def run_one(args, replicas: int, policy: str, users: list[User], logs: Path) -> Result:
+def run_one(
+    args, replicas: int, policy: str, users: list[User], logs: Path, slack: int | None = None
+) -> Result:
     threads = args.threads or max(1, (os.cpu_count() or 1) // replicas)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     env.update(LLM_DEVICE=args.device, BENTOML_DO_NOT_TRACK="true")
     if args.device == "simulated":
         env["LLM_ENGINE"] = "native"
     runner_env = {**env, "LLM_TORCH_THREADS": str(threads)}
-    tag = f"{replicas}x-{policy}"
+    tag = f"{replicas}x-{policy}" + (f"-slack{slack}" if slack is not None else "")
     store = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
     with ExitStack() as stack:
         homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-replicas-")))
@@ -215,6 +240,7 @@ def run_one(args, replicas: int, policy: str, users: list[User], logs: Path) -> 
         api_url = f"http://127.0.0.1:{args.port}"
         api_env = {**env, "LLM_RUNNER_URL": ",".join(urls), "LLM_RUNNER_ROUTING": policy,
                    "LLM_API_WORKERS": str(args.api_workers),
+                   **({"LLM_RUNNER_BALANCE_SLACK": str(slack)} if slack is not None else {}),
                    "BENTOML_HOME": own_home(store, homes)}  # fmt: skip
         api_cmd = [*START, "service:ChatAPI", "--port", str(args.port)]
         stack.enter_context(server(api_cmd, f"{api_url}/readyz", logs / f"{tag}-api.log", api_env))
@@ -226,7 +252,9 @@ def run_one(args, replicas: int, policy: str, users: list[User], logs: Path) -> 
     counts = [per_replica.get(url, 0.0) for url in urls]
     result = Result(
         replicas=replicas,
-        policy=policy if replicas > 1 else "one replica",
+        policy=(policy + (f" (slack {slack})" if slack is not None else ""))
+        if replicas > 1
+        else "one replica",
         requests=len(turns),
         errors=len(turns) - len(ok),
         wall_s=wall,
@@ -236,6 +264,7 @@ def run_one(args, replicas: int, policy: str, users: list[User], logs: Path) -> 
         cached_fraction=sum(t.cached_tokens for t in ok) / prompt if prompt else 0.0,
         balance=max(counts) / min(counts) if min(counts) > 0 else None,
         per_replica=per_replica,
+        mean_prompt_tokens=prompt / len(ok) if ok else 0.0,
     )
     errors = [t.error for t in turns if t.error]
     print(f"{tag}: {json.dumps(asdict(result))}" + (f" first error: {errors[0]}" if errors else ""),
@@ -293,9 +322,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["simulated", "cpu"], default="simulated")
     parser.add_argument("--replicas", default="2,4", help="comma-separated replica counts")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--slacks",
+        default="",
+        help="also prefix routing at each of these "
+        "LLM_RUNNER_BALANCE_SLACK values (comma-separated): the slack's sweep",
+    )
     parser.add_argument("--users", type=int, default=48)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--bookings",
+        type=int,
+        default=60,
+        help="past bookings in each user's own prompt (about 20 tokens each)",
+    )
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per runner "
@@ -312,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     users = make_users(args.users, args.turns, min_tokens=args.min_tokens,
-                       max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+                       max_tokens=args.max_tokens, bookings=args.bookings,
+                       seed=args.seed)  # fmt: skip
     out = args.out / args.device
     logs = out / "logs"
     results = []
@@ -321,8 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     for replicas in [int(x) for x in args.replicas.split(",") if x.strip()]:
         for policy in [p for p in args.policies.split(",") if p.strip()]:
             results.append(run_one(args, replicas, policy, users, logs))
+        for slack in [int(x) for x in args.slacks.split(",") if x.strip()]:
+            results.append(run_one(args, replicas, "prefix", users, logs, slack))
 
     lines = targets(results)
+    sizes = [r.mean_prompt_tokens for r in results]
+    prompt_sizes = f"{min(sizes):.0f}-{max(sizes):.0f} on average" if sizes else "-"
     cpu = platform.processor() or platform.machine()
     command = " ".join(argv if argv is not None else sys.argv[1:])
     report = "\n".join([
@@ -332,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} cores, with `python -m bench.replicas {command}`.",
         f"{args.users} users x {args.turns} turns, {args.clients} in conversation at once, "
         f"answers of {args.min_tokens}-{args.max_tokens} tokens, greedy; every user's system "
-        "prompt starts with the same tenant-wide prompt.",
+        f"prompt is the same tenant-wide prompt, then one of the user's own ({args.bookings} "
+        f"past bookings). Prompt tokens per turn: {prompt_sizes}.",
         "",
         table(results),
         "",

@@ -129,6 +129,14 @@ class APISettings(CommonSettings):
         description="prefix routing: how many more requests in flight than the least loaded "
         "replica a replica may have and still be chosen for its cached prefix.",
     )
+    runner_prefix_min_match: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="prefix routing: the share of a prompt's full KV blocks a replica must "
+        "hold for the prompt to go there for its cache; below it (a new conversation) the "
+        "request goes where a hash of it says, among the replicas within the slack.",
+    )
     runner_probe_interval: float = Field(
         2.0,
         gt=0,

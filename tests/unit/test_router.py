@@ -134,6 +134,29 @@ def test_api_workers_that_share_no_state_place_a_new_conversation_alike():
     assert spread == {A, B, C}  # new conversations spread over the replicas
 
 
+def test_a_shared_system_prompt_held_by_one_replica_does_not_pull_every_new_conversation():
+    """New conversations share the tenant's prompt (a quarter of each): the replica that
+    first cached it must not get them all, or the others idle while it queues."""
+    pool = pool_of([A, B, C])
+    tenant = list(range(2 * BS))
+    a = pool.replicas[A]
+    a.index.add(chain_hashes(tenant, BS), 0.0)
+    a.index.ttl = float("inf")
+    picks = {}
+    for u in range(30):
+        prompt = tenant + [7000 * u + i for i in range(6 * BS)]
+        replica, reason, _ = pool.pick(chain_hashes(prompt, BS))
+        picks[replica.url] = picks.get(replica.url, 0) + 1
+        assert reason == "hash"
+    assert set(picks) == {A, B, C} and max(picks.values()) < 20, picks
+    # A later turn, most of it held by one replica, goes there.
+    turn = tenant + [1] * (6 * BS)
+    b = pool.replicas[B]
+    b.index.add(chain_hashes(turn, BS), 0.0)
+    b.index.ttl = float("inf")
+    assert pool.pick(chain_hashes(turn + [2] * BS, BS))[:2] == (b, "prefix")
+
+
 def test_a_shared_prefix_goes_where_it_is_cached_until_loads_differ_by_the_slack():
     pool = pool_of([A, B], slack=2)
     shared = list(range(4 * BS))
