@@ -224,8 +224,9 @@ bench-topology-sim: model
 # Routing over runner replicas, side by side in one run: round robin, least-loaded and
 # prefix-aware on a chat-product workload, at 2 and 4 replicas on the SIMULATED GPU, then 2
 # replicas of the real model on this host's cores: docs/replicas/{simulated,cpu}/report.md.
-REPLICAS_SIM_ARGS ?= --replicas 2,4
-REPLICAS_CPU_ARGS ?= --replicas 2 --users 12 --turns 3 --clients 4 --min-tokens 16 --max-tokens 32
+REPLICAS_SIM_ARGS ?= --replicas 2,4 --users 96 --turns 6 --bookings 100 --slacks 1,4,8
+REPLICAS_CPU_ARGS ?= --replicas 2 --users 12 --turns 3 --clients 4 --bookings 10 \
+	--min-tokens 16 --max-tokens 32
 bench-replicas: model
 	$(PY) -m bench.replicas --device simulated $(REPLICAS_SIM_ARGS)
 	$(PY) -m bench.replicas --device cpu $(REPLICAS_CPU_ARGS)

@@ -33,7 +33,7 @@ NVIDIA Dynamo's KV router weighs the blocks to prefill against active blocks in 
 instead. The slack is what a cache hit may cost in queueing: on a replica ``slack`` requests
 busier, each step carries that many more sequences, a few per cent of a decode step each on
 a GPU (decode is memory-bound), while a hit saves the prefill of every matched block. The
-defaults (slack 4, a half of the blocks, SGLang's cache threshold) are where ``make
+defaults (slack 2, a half of the blocks, SGLang's cache threshold) are where ``make
 bench-replicas`` measured TTFT and throughput at their best with balance within 1.5x; the
 sweep is in ``docs/replicas/``.
 ``least_loaded`` and ``round_robin`` are there for comparison. The ``n`` choices of one
@@ -191,7 +191,7 @@ class Replica:
 @dataclass(frozen=True)
 class RouterSettings:
     policy: Policy = "prefix"
-    balance_slack: int = 4
+    balance_slack: int = 2
     min_match: float = 0.5
     probe_interval: float = 2.0
     dns_refresh: float = 5.0

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from bench.serving import percentile
 from bench.suite import server
+from bench.topology import read_busy
 from tests.served import own_home
 
 START = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
@@ -213,6 +214,7 @@ class Result:
     cached_fraction: float
     balance: float | None  # most requests on a replica / fewest
     mean_prompt_tokens: float = 0.0
+    busy_s: float = 0.0  # the runners' model time, all replicas (a simulated device's own)
     per_replica: dict[str, float] = field(default_factory=dict)
 
 
@@ -245,7 +247,9 @@ def run_one(
         api_cmd = [*START, "service:ChatAPI", "--port", str(args.port)]
         stack.enter_context(server(api_cmd, f"{api_url}/readyz", logs / f"{tag}-api.log", api_env))
         time.sleep(2 * 0.5 + 2)  # the router's first probes (every 2 s) have seen every replica
+        busy_before = sum(read_busy(f"{url}/metrics") for url in urls)
         turns, wall = asyncio.run(run_workload(api_url, users, args.clients))
+        busy = sum(read_busy(f"{url}/metrics") for url in urls) - busy_before
         per_replica = _routed(api_url) if replicas > 1 else {urls[0]: float(len(turns))}
     ok = [t for t in turns if t.error is None]
     prompt = sum(t.prompt_tokens for t in ok)
@@ -265,6 +269,7 @@ def run_one(
         balance=max(counts) / min(counts) if min(counts) > 0 else None,
         per_replica=per_replica,
         mean_prompt_tokens=prompt / len(ok) if ok else 0.0,
+        busy_s=busy,
     )
     errors = [t.error for t in turns if t.error]
     print(f"{tag}: {json.dumps(asdict(result))}" + (f" first error: {errors[0]}" if errors else ""),
@@ -278,13 +283,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     rows = ["| replicas | routing | TTFT p50 (s) | TTFT p95 (s) | output tok/s | cached "
-            "fraction | balance (max/min) | errors |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "fraction | balance (max/min) | model busy (s) | errors |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         rows.append(
             f"| {r.replicas} | {r.policy} | {_fmt(r.ttft_p50_s, '.3f')} | "
             f"{_fmt(r.ttft_p95_s, '.3f')} | {r.output_tokens_per_s:.1f} | "
-            f"{r.cached_fraction:.2f} | {_fmt(r.balance, '.2f')} | {r.errors} |"
+            f"{r.cached_fraction:.2f} | {_fmt(r.balance, '.2f')} | {r.busy_s:.1f} | "
+            f"{r.errors} |"
         )
     return "\n".join(rows)
 

@@ -124,7 +124,7 @@ class APISettings(CommonSettings):
         "runner_balance_slack requests of the least loaded; least_loaded; round_robin.",
     )
     runner_balance_slack: int = Field(
-        4,
+        2,
         ge=0,
         description="prefix routing: how many more requests in flight than the least loaded "
         "replica a replica may have and still be chosen for its cached prefix.",

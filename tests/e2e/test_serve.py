@@ -77,7 +77,14 @@ def test_streamed_answer_matches_and_reports_usage(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
     assert text == whole.choices[0].message.content
     assert "Paris" in text
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    streamed_usage = chunks[-1].usage
+    assert [getattr(streamed_usage, f) for f in counts] == [getattr(whole.usage, f) for f in counts]
+    # The same prompt again: its full KV blocks (16 tokens each) come from the prefix cache.
+    cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert cached >= whole.usage.prompt_tokens_details.cached_tokens
+    # (at least one prompt token is always computed: it gives the first token's logits)
+    assert (whole.usage.prompt_tokens - 1) // 16 * 16 <= cached < whole.usage.prompt_tokens
 
 
 def test_bad_input_is_a_400_and_the_server_stays_up(server, client):

@@ -141,7 +141,12 @@ def test_streamed_answer_equals_the_whole_one(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
     assert text == whole.choices[0].message.content and "Paris" in text
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    streamed_usage = chunks[-1].usage
+    assert [getattr(streamed_usage, f) for f in counts] == [getattr(whole.usage, f) for f in counts]
+    # The same prompt again: whatever of it was cached the first time is cached now.
+    streamed, first = chunks[-1].usage.prompt_tokens_details, whole.usage.prompt_tokens_details
+    assert streamed.cached_tokens >= first.cached_tokens
 
 
 def test_n_choices_are_sampled_and_a_seed_repeats_them(client):
@@ -192,11 +197,13 @@ def test_a_prompt_past_the_engines_window_is_a_400(client):
 def test_runner_metrics_come_from_vllms_own_stats(vllm_split, client):
     before = scrape(vllm_split.url)
     prefix = "You are a meticulous assistant. " * 150  # the same long system prompt twice
-    for question in ("What is 2+2?", "What is 3+3?"):
+    answers = [
         client.chat.completions.create(
             model=DEFAULT_MODEL, temperature=0, max_tokens=8,
             messages=[{"role": "system", "content": prefix}, {"role": "user", "content": question}],
-        )  # fmt: skip
+        )
+        for question in ("What is 2+2?", "What is 3+3?")
+    ]  # fmt: skip
     after = scrape(vllm_split.url)
 
     def grew(name: str) -> float:
@@ -213,6 +220,9 @@ def test_runner_metrics_come_from_vllms_own_stats(vllm_split, client):
     queried = grew("llm_runner_prefix_cache_queries_total")
     assert queried >= 2 * 750
     assert grew("llm_runner_prefix_cache_hits_total") >= 512
+    # ... and says so in its usage (OpenAI's field), from vLLM's own count.
+    cached = answers[1].usage.prompt_tokens_details.cached_tokens
+    assert 512 <= cached < answers[1].usage.prompt_tokens
     assert 0 <= after[("llm_runner_kv_cache_usage_ratio", ())] <= 1
 
 
