@@ -481,18 +481,9 @@ class ChatAPI(NativeAPI):
             return None
         urls = parse_runner_urls(url)
         logger.info("runner at %s", ", ".join(urls))
-        router = RouterSettings(
-            policy=settings.runner_routing,
-            balance_slack=settings.runner_balance_slack,
-            min_match=settings.runner_prefix_min_match,
-            probe_interval=settings.runner_probe_interval,
-            dns_refresh=settings.runner_dns_refresh,
-            index_blocks=settings.runner_prefix_index_blocks,
-            index_ttl=settings.runner_prefix_index_ttl,
-        )
         return RunnerPool(
             urls,
-            router,
+            RouterSettings(**settings.router_options()),
             lambda replica: RunnerClient(
                 replica,
                 timeout=settings.runner_timeout,

@@ -190,13 +190,16 @@ class Replica:
 
 @dataclass(frozen=True)
 class RouterSettings:
-    policy: Policy = "prefix"
-    balance_slack: int = 2
-    min_match: float = 0.5
-    probe_interval: float = 2.0
-    dns_refresh: float = 5.0
-    index_blocks: int = 100_000
-    index_ttl: float = 600.0
+    """The router's knobs; their defaults are stated once, on the API's settings
+    (``APISettings.router_options``, read from ``LLM_RUNNER_ROUTING`` and its kin)."""
+
+    policy: Policy
+    balance_slack: int
+    min_match: float
+    probe_interval: float
+    dns_refresh: float
+    index_blocks: int
+    index_ttl: float
 
 
 @dataclass

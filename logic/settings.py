@@ -172,6 +172,18 @@ class APISettings(CommonSettings):
         """The name exposed to clients."""
         return self.served_model_name or self.model.split(":", 1)[0]
 
+    def router_options(self) -> dict[str, object]:
+        """The runner replicas' router settings (``api.router.RouterSettings``' fields)."""
+        return {
+            "policy": self.runner_routing,
+            "balance_slack": self.runner_balance_slack,
+            "min_match": self.runner_prefix_min_match,
+            "probe_interval": self.runner_probe_interval,
+            "dns_refresh": self.runner_dns_refresh,
+            "index_blocks": self.runner_prefix_index_blocks,
+            "index_ttl": self.runner_prefix_index_ttl,
+        }
+
 
 def get_settings() -> APISettings:
     """The API process's settings, validated once, as the environment gives them. Served from

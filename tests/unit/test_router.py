@@ -13,6 +13,7 @@ from api.router import PrefixIndex, RouterSettings, RunnerPool, parse_runner_url
 from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
 from contract.prefix import chain_hashes
 from contract.tokens import GenerationChunk, SamplingParams
+from logic.settings import APISettings
 
 PARAMS = SamplingParams(max_new_tokens=4)
 A, B, C = "http://10.0.1.1:1", "http://10.0.1.2:2", "http://10.0.1.3:3"
@@ -58,6 +59,9 @@ class FakeRunner:
         self.closed = True
 
 
+DEFAULTS = APISettings.model_construct().router_options()  # the defaults, without the env
+
+
 def pool_of(urls, policy="prefix", slack=4, resolver=None, **extra) -> RunnerPool:
     runners: dict[str, FakeRunner] = {}
 
@@ -67,8 +71,9 @@ def pool_of(urls, policy="prefix", slack=4, resolver=None, **extra) -> RunnerPoo
 
     options = {"resolver": resolver} if resolver else {}
     pool = RunnerPool(
-        urls, RouterSettings(policy=policy, balance_slack=slack, **extra), make, **options
-    )
+        urls, RouterSettings(**{**DEFAULTS, "policy": policy, "balance_slack": slack, **extra}),
+        make, **options,
+    )  # fmt: skip
     pool.fakes = runners  # type: ignore[attr-defined]
     return pool
 
