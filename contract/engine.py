@@ -45,6 +45,10 @@ class EngineStats:
     refused: int = 0  # turned away at once: max_in_flight reached
     busy_seconds: float = 0.0  # wall time in steps (forward pass and sampling)
     max_running: int = 0
+    # Constrained answers the runner closed early, validly (runners/closing.py): at their
+    # budget, and in a loop.
+    closed_budget: int = 0
+    closed_loop: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 

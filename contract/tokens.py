@@ -70,6 +70,9 @@ class GenerationChunk(BaseModel):
     """One step of a runner's stream: new token ids, and why it ended on the last one.
 
     ``logprobs`` has one entry per token id when the request asked for them, else None.
+    ``closed``, on the last chunk of a constrained answer the runner ended early and validly
+    (``finish_reason`` "stop"): why, ``budget`` (its tokens were running out) or ``loop`` (it
+    repeated itself); see runners/closing.py.
     ``cached_tokens``, on the first chunk of engines that can tell, is how many prompt tokens
     the engine found in its prefix cache (their KV reused, not computed): OpenAI's
     ``usage.prompt_tokens_details.cached_tokens``.
@@ -79,3 +82,4 @@ class GenerationChunk(BaseModel):
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int | None = None
+    closed: Literal["budget", "loop"] | None = None

@@ -107,6 +107,7 @@ class _Choice:
     completion_tokens: int = 0
     cached_tokens: int | None = None  # prompt tokens the engine's prefix cache held
     finish_reason: FinishReason | None = None
+    closed: str | None = None  # why the runner closed a constrained answer early, if it did
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobEntry] = field(default_factory=list)
 
@@ -280,6 +281,9 @@ class CompletionService:
                     choice.cached_tokens = chunk.cached_tokens
                     if choice.index == 0:  # the prompt counts once
                         metrics.cached(chunk.cached_tokens)
+                if chunk.closed is not None:
+                    choice.closed = chunk.closed
+                    metrics.closed(chunk.closed)
                 choice.completion_tokens += len(chunk.token_ids)
                 metrics.tokens(choice.index, len(chunk.token_ids))
                 ids, logprobs = chunk.token_ids, chunk.logprobs or []
@@ -384,11 +388,11 @@ class CompletionService:
         text = "".join(choice.text)
         if prepared.output.tools is None:
             content = response_format.enforce(
-                prepared.output.response_format, self.pipeline.after(text)
+                prepared.output.response_format, self.pipeline.after(text), cut=_cut(prepared, choice)
             )
             return AssistantMessage(content=content), choice.finish_reason or "stop"
         parser = ToolCallParser(prepared.output.tools)
-        events = parser.push(text) + parser.close()
+        events = parser.push(text) + parser.close(cut=_cut(prepared, choice))
         content = "".join(e.text for e in events if isinstance(e, ContentDelta))
         calls = tool_calls(parser)
         message = AssistantMessage(
@@ -439,9 +443,12 @@ class CompletionService:
                 if text is None:
                     # A format the answer fails, or a tool call cut short, ends the stream
                     # with a 422-shaped error event.
-                    response_format.enforce(prepared.output.response_format, "".join(choice.text))
+                    cut = _cut(prepared, choice)
+                    response_format.enforce(
+                        prepared.output.response_format, "".join(choice.text), cut=cut
+                    )
                     if parser is not None:
-                        for event in parser.close():
+                        for event in parser.close(cut=cut):
                             yield chunk(choice.index, _delta(event))
                     finish = _finish(choice, prepared.output.tools, bool(parser and parser.calls))
                     yield chunk(choice.index, DeltaMessage(), finish)
@@ -570,10 +577,16 @@ def _log_generation(
         "prompt_tokens": len(prepared.prompt_ids),
         "completion_tokens": metrics.completion_tokens,
         "finish_reasons": [c.finish_reason for c in choices],
+        "closed_early": [c.closed for c in choices] if any(c.closed for c in choices) else None,
         "time_to_first_token_ms": None if ttft is None else round(ttft * 1000, 1),
         "duration_ms": round(metrics.elapsed * 1000, 1),
     }
     logger.info("generation %s", outcome, extra={"fields": fields})
+
+
+def _cut(prepared: PreparedPrompt, choice: _Choice) -> int | None:
+    """The budget a choice ran out of (``finish_reason`` length), else None."""
+    return prepared.params.max_new_tokens if choice.finish_reason == "length" else None
 
 
 def _finish(choice: _Choice, plan: ToolPlan | None, called: bool) -> ChoiceFinishReason:

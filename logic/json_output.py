@@ -65,6 +65,51 @@ def json_answer(text: str) -> tuple[Any, str | None]:
     raise JSONExtractionError("The answer holds no valid JSON value.")
 
 
+def is_json(text: str) -> bool:
+    """The whole text (stripped) is one JSON value."""
+    return _loads(text.strip()) is not _NOTHING
+
+
+def cut_at(text: str) -> str:
+    """Where JSON text cut short stops: the path of the value it was writing, ``$`` for the
+    top (``$.triples[3].relation``). Text that is not JSON gives what it can."""
+    frames: list[list[Any]] = []  # ["{", key or None] or ["[", index]
+    in_string = escaped = False
+    start = 0
+    last_string = ""
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                last_string = text[start : i + 1]
+            continue
+        if char == '"':
+            in_string, start = True, i
+        elif char == "{":
+            frames.append(["{", None])
+        elif char == "[":
+            frames.append(["[", 0])
+        elif char in "}]" and frames:
+            frames.pop()
+        elif char == ":" and frames and frames[-1][0] == "{":
+            try:
+                frames[-1][1] = json.loads(last_string)
+            except ValueError:
+                frames[-1][1] = last_string
+        elif char == "," and frames:
+            if frames[-1][0] == "[":
+                frames[-1][1] += 1
+            else:
+                frames[-1][1] = None
+    return _where(
+        [frame[1] for frame in frames if frame[1] is not None or frame[0] == "["]
+    )
+
+
 def _loads(text: str) -> Any:
     if not text:
         return _NOTHING

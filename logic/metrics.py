@@ -50,6 +50,12 @@ CANCELLED = Counter(
     "Generations stopped before their end: the client left, or a deadline passed.",
     ["reason"],
 )
+CLOSED = Counter(
+    "llm_api_structured_closed",
+    "Constrained answers the runner closed early and validly: as their budget ran out "
+    "(budget), or where they repeated themselves (loop).",
+    ["reason"],
+)
 ERRORS = Counter(
     "llm_api_errors", "Errors returned to clients (as a status or a stream error event).", ["code"]
 )
@@ -85,6 +91,10 @@ class GenerationMetrics:
     def cached(self, tokens: int) -> None:
         """The engine found ``tokens`` of the prompt in its prefix cache."""
         CACHED_PROMPT_TOKENS.inc(tokens)
+
+    def closed(self, reason: str) -> None:
+        """The runner closed a constrained answer early (runners/closing.py)."""
+        CLOSED.labels(reason=reason).inc()
 
     def cancelled(self, reason: str) -> None:
         CANCELLED.labels(reason=reason).inc()

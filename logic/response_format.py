@@ -15,7 +15,14 @@ import json
 
 from contract.tokens import StructuredOutput
 from logic.errors import InvalidRequestError, UnprocessableError
-from logic.json_output import JSONExtractionError, json_answer, schema_errors, validation_errors
+from logic.json_output import (
+    JSONExtractionError,
+    cut_at,
+    is_json,
+    json_answer,
+    schema_errors,
+    validation_errors,
+)
 from logic.protocol import ResponseFormat
 
 
@@ -56,12 +63,22 @@ def instruction(response_format: ResponseFormat | None) -> str | None:
     return text
 
 
-def enforce(response_format: ResponseFormat | None, text: str) -> str:
-    """The answer as the format asks. The runner constrained it to the format, so it parses
-    and matches unless it was cut short (``max_tokens``): then a 422, as OpenAI answers a
-    JSON answer cut by the length limit. Checked again here anyway (``jsonschema``)."""
+def enforce(response_format: ResponseFormat | None, text: str, *, cut: int | None = None) -> str:
+    """The answer as the format asks. The runner constrained it to the format (and closes it
+    validly before its budget runs out, runners/closing.py), so it parses and matches; an
+    answer still cut short (``cut``: the budget it ran out of, ``finish_reason`` length) is a
+    422 that says so and where, never a schema mismatch read off a piece of it. A whole answer
+    is checked again here anyway (``jsonschema``)."""
     if response_format is None or response_format.type == "text":
         return text
+    if cut is not None and not is_json(text):
+        where = cut_at(text.strip())
+        raise UnprocessableError(
+            f"The answer was cut by max_tokens ({cut} tokens) or the context window at {where}, "
+            "before its JSON was complete. Retry with a larger max_tokens.",
+            param="max_tokens",
+            code="response_format_not_met",
+        )
     try:
         value, as_written = json_answer(text)
     except JSONExtractionError as exc:

@@ -18,8 +18,8 @@ a tool the request offered and its arguments match that tool's ``parameters`` sc
 - ``required``: only the call block; a named function: only a call to it;
 - ``none`` (the default without tools): the tools are not shown, the answer is plain text.
 
-``parallel_tool_calls`` false allows one call per answer. The answer is then split back into
-``content`` and ``tool_calls`` by :class:`ToolCallParser`, whole or as a stream, in which a
+``parallel_tool_calls`` false, or a named function, allows one call per answer. The answer is
+then split back into ``content`` and ``tool_calls`` by :class:`ToolCallParser`, whole or as a stream, in which a
 call's index, id and name come first, then pieces of its arguments' JSON text. The argument
 text is the model's own (a client concatenating the pieces gets exactly the whole answer's).
 
@@ -136,7 +136,9 @@ def plan_tools(request: ChatCompletionRequest, *, native: bool) -> ToolPlan | No
             param="response_format",
             code="unsupported_parameter",
         )
-    parallel = request.parallel_tool_calls is not False
+    # A named function is called exactly once, as OpenAI's API does: parallel_tool_calls
+    # counts for auto and required only.
+    parallel = request.parallel_tool_calls is not False and mode != "named"
     return ToolPlan(list(tools), mode, parallel, native, name)
 
 
@@ -391,15 +393,20 @@ class ToolCallParser:
             pass
         return events
 
-    def close(self) -> list[Event]:
+    def close(self, *, cut: int | None = None) -> list[Event]:
         """The rest of the answer; an :class:`UnprocessableError` (422) when a call is cut
-        short or does not fit the tools."""
+        short (``cut``: the budget the answer ran out of) or does not fit the tools."""
         events: list[Event] = []
         if self._state != "text":
+            name = f" of {self.calls[-1].name!r}" if self.calls else ""
+            why = (
+                f"it was cut by max_tokens ({cut} tokens) or the context window"
+                if cut is not None
+                else "it was most likely cut by max_tokens"
+            )
             raise UnprocessableError(
-                "The tool call is not complete; it was most likely cut by max_tokens. Retry "
-                "with a larger max_tokens.",
-                param="tools",
+                f"The tool call{name} is not complete: {why}. Retry with a larger max_tokens.",
+                param="max_tokens" if cut is not None else "tools",
                 code="tool_call_incomplete",
             )
         if self._buffer.strip():

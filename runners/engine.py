@@ -41,7 +41,13 @@ from contract.tokens import FinishReason, GenerationChunk, SamplingParams, Token
 from runners.batch_model import BatchModel, Work, build_batch_model, kv_bytes_per_token
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
 from runners.sampling import RowParams, choose
-from runners.settings import DEFAULT_CPU_KV_GIB, DEVICE_LIMITS, NativeEngineSettings
+from runners.settings import (
+    DEFAULT_CPU_KV_GIB,
+    DEVICE_LIMITS,
+    ClosingOptions,
+    NativeEngineSettings,
+    RunnerSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ _DTYPES = {
 GIB = 1 << 30
 # Our engine's defaults: the settings class states them once (what load() is not given).
 _DEFAULTS = NativeEngineSettings.model_construct()
+_CLOSING = RunnerSettings.model_construct().closing()
 
 
 def kv_budget_bytes(
@@ -114,6 +121,7 @@ class _Request:
     token_ids: list[int] = field(default_factory=list)  # prompt, then the tokens fed back
     block_hashes: list[bytes] | None = None  # the prompt's full blocks, for the prefix cache
     matcher: Any = None  # structured outputs: its grammar state (runners.grammar.Constraint)
+    guard: Any = None  # and its closing guard (runners.closing.Guard), when one is on
     next_token: int | None = None  # sampled, not yet fed
     produced: int = 0
     # Presence and frequency penalties, kept as the bias they add to the logits ([vocab],
@@ -172,6 +180,7 @@ class GenerationEngine:
         max_in_flight: int | None = None,
         prefix_caching: bool = True,
         tokenizer_dir: str | Path | None = None,
+        closing: ClosingOptions = _CLOSING,
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
         returns (and re-raises what ``build`` raised).
@@ -186,6 +195,7 @@ class GenerationEngine:
         self._max_in_flight = max_in_flight
         self._prefix_caching = prefix_caching
         self._tokenizer_dir = tokenizer_dir  # for structured outputs' grammars
+        self._closing = closing
         self._grammars: Any = None
         self._pending: collections.deque[_Request] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -256,6 +266,7 @@ class GenerationEngine:
         kv_block_size: int = _DEFAULTS.kv_block_size,
         prefix_caching: bool = _DEFAULTS.prefix_caching,
         simulated_answer_tokens: int = _DEFAULTS.simulated_answer_tokens,
+        closing: ClosingOptions = _CLOSING,
     ) -> GenerationEngine:
         """Our engine on a model directory; each option is the setting of the same name
         (:class:`runners.settings.NativeEngineSettings`, ``RunnerSettings``), defaults
@@ -304,6 +315,7 @@ class GenerationEngine:
             max_in_flight=max_in_flight,
             prefix_caching=prefix_caching,
             tokenizer_dir=path,
+            closing=closing,
         )
         pool = engine.blocks
         logger.info(
@@ -412,9 +424,14 @@ class GenerationEngine:
         self.validate(prompt_ids, params)
         request = self._make_request(prompt_ids, params)
         if params.structured is not None:
-            request.matcher = await self._get_grammars().matcher(
-                params.structured, params.stop_token_ids
-            )
+            grammars = self._get_grammars()
+            request.matcher = await grammars.matcher(params.structured, params.stop_token_ids)
+            if self._closing.active:
+                request.guard = grammars.guard_on(
+                    request.matcher,
+                    budget=request.max_length - len(prompt_ids),
+                    options=self._closing,
+                )
         self._submit(request)
         first = True
         try:
@@ -429,7 +446,7 @@ class GenerationEngine:
                     ids += item.token_ids
                     if item.logprobs is not None:
                         logprobs = (logprobs or []) + item.logprobs
-                    finish = item.finish_reason
+                    finish, closed = item.finish_reason, item.closed
                     if finish is not None or request.queue.empty():
                         break
                     item = request.queue.get_nowait()
@@ -438,7 +455,11 @@ class GenerationEngine:
                 cached = request.alloc.cached_tokens if first and request.alloc else None
                 first = False
                 yield GenerationChunk(
-                    token_ids=ids, finish_reason=finish, logprobs=logprobs, cached_tokens=cached
+                    token_ids=ids,
+                    finish_reason=finish,
+                    logprobs=logprobs,
+                    cached_tokens=cached,
+                    closed=closed,
                 )
                 if finish is not None:
                     return
@@ -728,16 +749,25 @@ class GenerationEngine:
                 self._finish(request, cancelled=False)
                 request.deliver(RuntimeError("sampling failed: non-finite logits"))
                 continue
-            if request.matcher is not None and not request.matcher.accept(pick.token):
+            verdict = None
+            if request.guard is not None:  # it takes the token into the matcher itself
+                verdict = request.guard.step(pick.token)
+            if verdict is not None and not verdict.accepted or (
+                verdict is None and request.matcher is not None
+                and not request.matcher.accept(pick.token)
+            ):  # fmt: skip
                 logger.error("structured output: token %d rejected by its grammar", pick.token)
                 self._finish(request, cancelled=False)
                 request.deliver(RuntimeError("structured output: grammar rejected a token"))
                 continue
-            if request.penalized:
-                request.penalize(pick.token, logits.shape[-1], logits.device)
             logprob = None
             if pick.logprob is not None:
                 logprob = TokenLogprob(token_id=pick.token, logprob=pick.logprob, top=pick.top)
+            if verdict is not None and verdict.way is not None:  # it must end now, validly
+                self._close_answer(request, pick.token if verdict.keep else None, logprob, verdict)
+                continue
+            if request.penalized:
+                request.penalize(pick.token, logits.shape[-1], logits.device)
             # A grammar that ended (on its tokenizer's EOS, when the request named no stop
             # ids) ends the request as a stop token would.
             done = request.matcher is not None and request.matcher.done
@@ -785,6 +815,28 @@ class GenerationEngine:
                 ),
             )
         )
+
+    def _close_answer(
+        self, request: _Request, token: int | None, logprob: TokenLogprob | None, verdict: Any
+    ) -> None:
+        """End a constrained answer with the tokens that close it (runners.closing): the
+        chosen ``token`` when it is kept, then the way; each closing token has logprob 0, the
+        only one the closing allows."""
+        tokens = ([] if token is None else [token]) + verdict.way
+        entries = None
+        if request.params.logprobs:
+            entries = [logprob] if token is not None and logprob is not None else []
+            entries += [TokenLogprob(token_id=t, logprob=0.0) for t in verdict.way]
+        request.produced += len(tokens)
+        if verdict.why == "loop":
+            self.stats.closed_loop += 1
+        else:
+            self.stats.closed_budget += 1
+        self._finish(request, cancelled=False)
+        chunk = GenerationChunk(
+            token_ids=tokens, finish_reason="stop", logprobs=entries, closed=verdict.why
+        )
+        self._outbox.setdefault(request.loop, []).append((request, chunk))
 
     def _finish(self, request: _Request, *, cancelled: bool) -> None:
         """Take the request out of the batch and give its slot back."""

@@ -27,6 +27,7 @@ import xgrammar as xgr
 
 from contract.errors import EngineRequestError
 from contract.tokens import StructuredOutput
+from runners.closing import ClosingOptions, ClosingSearch, Guard
 
 # How long a schema may take to compile before the request is refused; xgrammar compiles
 # ordinary schemas in milliseconds, pathological ones (deep nesting, huge enums) take longer.
@@ -44,6 +45,8 @@ class Grammars:
         self._vocab_size = vocab_size
         self._timeout = timeout or COMPILE_TIMEOUT_S
         self._compiler: xgr.GrammarCompiler | None = None
+        self._decoded_vocab: list[bytes] = []
+        self._search: ClosingSearch | None = None
         self.special_ids: list[int] = []  # never in an answer (but stop tokens at its end)
         self._lock = threading.Lock()
         # One compiling thread: a runaway schema holds it, not the engine or the event loop.
@@ -67,6 +70,7 @@ class Grammars:
                     if i < self._vocab_size and any(byte < 0x20 for byte in raw)
                 }  # fmt: skip
                 self.special_ids = sorted(special | control)
+                self._decoded_vocab = list(info.decoded_vocab[: self._vocab_size])
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=1, cache_limit_bytes=CACHE_LIMIT_BYTES
                 )
@@ -104,6 +108,20 @@ class Grammars:
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
         ends = set(matcher.stop_token_ids)  # the request's stop ids, else the tokenizer's EOS
         return Constraint(matcher, [i for i in self.special_ids if i not in ends])
+
+    async def guard(
+        self, spec: StructuredOutput, stop_ids: list[int], *, budget: int, options: ClosingOptions
+    ) -> Guard:
+        """A closing guard with a matcher of its own, for an engine whose matcher is out of
+        reach (vLLM): it follows the same grammar, compiled the same way."""
+        constraint = await self.matcher(spec, stop_ids)
+        return self.guard_on(constraint, budget=budget, options=options)
+
+    def guard_on(self, constraint: Constraint, *, budget: int, options: ClosingOptions) -> Guard:
+        """A closing guard over ``constraint``'s own matcher (the native engine's)."""
+        if self._search is None:
+            self._search = ClosingSearch(self._decoded_vocab, self.special_ids)
+        return Guard(constraint.matcher, self._search, budget=budget, options=options)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -90,6 +90,7 @@ def _native_engine(
         kv_block_size=native.kv_block_size,
         prefix_caching=native.prefix_caching,
         simulated_answer_tokens=native.simulated_answer_tokens,
+        closing=settings.closing(),
     )
 
 

@@ -46,6 +46,10 @@ def common_series(engine: Engine) -> list[Series]:
                stats.cancelled),
         Series("requests_refused_total", "counter", "Requests turned away at max_in_flight "
                "(a 429).", stats.refused),
+        Series("structured_closed_budget_total", "counter", "Constrained answers closed "
+               "validly as their max_tokens or context ran out.", stats.closed_budget),
+        Series("structured_closed_loop_total", "counter", "Constrained answers closed "
+               "validly where they repeated themselves.", stats.closed_loop),
         *engine.extra_metrics(),
     ]  # fmt: skip
 

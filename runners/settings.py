@@ -73,6 +73,38 @@ class RunnerSettings(CommonSettings):
         description="Requests the runner holds at once, running plus waiting for a batch slot "
         "(default: twice max_batch_size); beyond it a request gets a 429.",
     )
+    # Constrained answers (response_format, tool calls), whichever engine runs.
+    structured_close: bool = Field(
+        True,
+        description="A constrained answer (JSON, a JSON schema, a tool call) about to run out "
+        "of max_tokens or of the context window is closed validly in the tokens left (the "
+        "quotes, brackets and required fields it still owes) and ends with finish_reason "
+        "stop, rather than being cut into JSON that does not parse. Answers that end by "
+        "themselves are unchanged.",
+    )
+    structured_loop_tokens: int = Field(
+        48,
+        ge=0,
+        description="A constrained answer whose last tokens repeat themselves, period after "
+        "period (at least two copies, this many tokens in all), is closed there, validly, "
+        "instead of looping to its max_tokens. 0: never. Answers without such a repeat are "
+        "unchanged.",
+    )
+
+    def closing(self) -> ClosingOptions:
+        return ClosingOptions(self.structured_close, self.structured_loop_tokens)
+
+
+@dataclass(frozen=True)
+class ClosingOptions:
+    """What the closing guard does (runners/closing.py), from ``LLM_STRUCTURED_CLOSE`` and ``LLM_STRUCTURED_LOOP_TOKENS``."""
+
+    close: bool  # close at the budget
+    loop_tokens: int  # close a loop this many tokens long; 0: never
+
+    @property
+    def active(self) -> bool:
+        return self.close or self.loop_tokens > 0
 
 
 class NativeEngineSettings(LLMSettings):

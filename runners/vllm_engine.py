@@ -46,7 +46,7 @@ from contract.errors import EngineBusyError, EngineClosedError, EngineRequestErr
 from contract.tokens import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, SamplingParams
 from contract.tokens import TokenLogprob as OurLogprob
 from runners import orphans
-from runners.settings import DEFAULT_CPU_KV_GIB, RunnerSettings, VLLMSettings
+from runners.settings import DEFAULT_CPU_KV_GIB, ClosingOptions, RunnerSettings, VLLMSettings
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ class VLLMEngine:
         step_stats: _StepStats,
         *,
         max_in_flight: int | None = None,
+        closing: ClosingOptions | None = None,
+        tokenizer_dir: str | Path | None = None,
     ) -> None:
         self._engine = engine
         self._step_stats = step_stats
@@ -223,6 +225,11 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._closed = False
         self._watchdog: subprocess.Popen | None = None
+        # Constrained answers closed within their budget (runners/closing.py): vLLM's grammar
+        # matchers are out of reach, so the guard follows the answer on a matcher of its own.
+        self._closing = closing
+        self._tokenizer_dir = tokenizer_dir
+        self._grammars: Any = None
 
     @classmethod
     def load(cls, path: str | Path, settings: RunnerSettings, vllm: VLLMSettings) -> VLLMEngine:
@@ -242,7 +249,13 @@ class VLLMEngine:
         step_stats = _StepStats()
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[step_stats.logger_factory()])
-        self = cls(engine, step_stats, max_in_flight=settings.runner_max_in_flight)
+        self = cls(
+            engine,
+            step_stats,
+            max_in_flight=settings.runner_max_in_flight,
+            closing=settings.closing(),
+            tokenizer_dir=path,
+        )
         # vLLM's engine core does not watch its parent: if the runner is killed outright,
         # a watchdog kills it, so it cannot hold the model's memory beside a new runner.
         helpers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
@@ -307,8 +320,9 @@ class VLLMEngine:
         if self._in_flight >= self.max_in_flight:
             self.stats.refused += 1
             raise EngineBusyError(f"the engine holds {self.max_in_flight} requests already")
-        self._in_flight += 1
         sampling = to_vllm(params, room=self.context_length - len(prompt_ids))
+        guard = await self._guard(params, budget=sampling.max_tokens)
+        self._in_flight += 1
         outputs = self._engine.generate(
             {"prompt_token_ids": list(prompt_ids)}, sampling, f"llm-{next(self._ids)}"
         )
@@ -318,6 +332,14 @@ class VLLMEngine:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     chunk = self._chunk(output, params)
+                    if guard is not None and (
+                        closed := guard.close_chunk(chunk, logprobs=params.logprobs)
+                    ):  # the answer closes here, validly; leaving aborts the rest in vLLM
+                        chunk = closed
+                        if closed.closed == "loop":
+                            self.stats.closed_loop += 1
+                        else:
+                            self.stats.closed_budget += 1
                     if first:  # vLLM counts the prompt tokens its prefix cache held
                         chunk.cached_tokens = getattr(output, "num_cached_tokens", None)
                         first = False
@@ -342,6 +364,22 @@ class VLLMEngine:
             if not ended:  # the consumer left: vLLM's generator aborted the request
                 self.stats.cancelled += 1
 
+    async def _guard(self, params: SamplingParams, *, budget: int) -> Any:
+        """The closing guard for a constrained answer, or None (off, or a grammar ours cannot
+        compile: vLLM then answers or refuses it as it would without)."""
+        if params.structured is None or self._closing is None or not self._closing.active:
+            return None
+        if self._grammars is None:
+            from runners.grammar import Grammars
+
+            self._grammars = Grammars(self._tokenizer_dir, self.vocab_size)
+        try:
+            return await self._grammars.guard(
+                params.structured, params.stop_token_ids, budget=budget, options=self._closing
+            )
+        except EngineRequestError:
+            return None
+
     def _chunk(self, output: Any, params: SamplingParams) -> GenerationChunk:
         completion = output.outputs[0]
         ids = list(completion.token_ids)
@@ -363,6 +401,8 @@ class VLLMEngine:
         if not self._closed:
             self._closed = True
             self._engine.shutdown()
+            if self._grammars is not None:
+                self._grammars.close()
             if self._watchdog is not None:
                 self._watchdog.terminate()
                 self._watchdog.wait(5)
