@@ -28,7 +28,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas test test-load test-vllm lint format \
+.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas bench-structured test test-load test-vllm lint format \
 	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
 	test-containers base-image bench bench-topology bench-topology-sim
 
@@ -230,6 +230,14 @@ REPLICAS_CPU_ARGS ?= --replicas 2 --users 12 --turns 3 --clients 4 --bookings 10
 bench-replicas: model
 	$(PY) -m bench.replicas --device simulated $(REPLICAS_SIM_ARGS)
 	$(PY) -m bench.replicas --device cpu $(REPLICAS_CPU_ARGS)
+
+# Structured answers that finish (docs/structured.md): 24 pydantic models, tools and JSON
+# objects through a served monolith and the openai client, the closing guard on and off, on
+# the native engine, then on vLLM's CPU build (its own virtualenv): about 25 minutes here.
+bench-structured: model
+	$(PY) -m bench.structured_eval
+	$(MAKE) ENGINE=vllm model
+	$(PY) -m bench.structured_eval --engine vllm --python $(VLLM_VENV)/bin/python
 
 # The GPU check, for the GPU machine we can borrow: Python 3.12 with torch and transformers,
 # no BentoML, no vLLM, no network. `make gpu-wheels` (here) downloads the few pure-Python

@@ -414,6 +414,16 @@ def _key(a: Answer) -> tuple:
     return (a.kind, a.case, a.budget, a.sampled)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def report(args, runs: list[Run]) -> str:
     on = next(r for r in runs if r.guard)
     off = next((r for r in runs if not r.guard), None)
@@ -421,7 +431,7 @@ def report(args, runs: list[Run]) -> str:
         f"# Structured answers that finish: {args.engine} engine",
         "",
         f"`python -m bench.structured_eval --engine {args.engine}` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}, {cpu_name()}, "
         f"{os.cpu_count()} cores; the default model; {len(on.answers)} requests per run "
         f"({len(MODELS)} pydantic models, {len(TOOL_CASES)} tool cases, {len(OBJECT_CASES)} "
         f"json_object prompts; greedy and sampled at temperature {TEMPERATURE} seed {SEED}; "
@@ -455,7 +465,7 @@ def report(args, runs: list[Run]) -> str:
         same = differ = 0
         changed = []
         for a in off.answers:
-            if a.finish == "stop" and a.good:  # finished without help
+            if a.finish in ("stop", "tool_calls") and a.good:  # finished without help
                 mine = next(b for b in on.answers if _key(b) == _key(a))
                 if mine.text == a.text:
                     same += 1
@@ -464,7 +474,8 @@ def report(args, runs: list[Run]) -> str:
                     changed.append(f"{a.case} ({a.budget}, {'sampled' if a.sampled else 'greedy'})")
         lines += [
             "",
-            f"Answers that finished without help (guard off: finish_reason stop, valid): {same} "
+            f"Answers that finished without help (guard off: finish_reason stop or tool_calls, "
+            f"valid): {same} "
             f"of {same + differ} byte-identical with the guard on"
             + (f"; different: {', '.join(changed)} (closed at a loop: they repeated "
                f"themselves, see answers.jsonl)" if changed else "") + ".",
@@ -478,6 +489,16 @@ def report(args, runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_runs(out: Path) -> list[Run]:
+    counters = json.loads((out / "runs.json").read_text())
+    answers = [Answer(**json.loads(line)) for line in (out / "answers.jsonl").open()]
+    return [
+        Run(guard, [a for a in answers if a.guard == guard], counters["on" if guard else "off"])
+        for guard in (True, False)
+        if ("on" if guard else "off") in counters
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("native", "vllm"), default="native")
@@ -486,20 +507,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop-tokens", type=int, default=48)
     parser.add_argument("--guard", choices=("both", "on", "off"), default="both")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write report.md again from answers.jsonl and runs.json")  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or Path("docs/structured") / args.engine
     out.mkdir(parents=True, exist_ok=True)
-    logs = Path("bench/logs/structured") / args.engine
-    runs = []
-    for guard in {"both": (True, False), "on": (True,), "off": (False,)}[args.guard]:
-        runs.append(serve_and_run(args, guard, logs))
-        print(f"guard {'on' if guard else 'off'}: "
-              f"{sum(a.good for a in runs[-1].answers)}/{len(runs[-1].answers)} good, "
-              f"closed {runs[-1].closed}", flush=True)  # fmt: skip
-    with (out / "answers.jsonl").open("w") as f:
-        for run in runs:
-            for a in run.answers:
-                f.write(json.dumps(asdict(a), ensure_ascii=False) + "\n")
+    if args.report_only:
+        runs = load_runs(out)
+    else:
+        runs = []
+        logs = Path("bench/logs/structured") / args.engine
+        for guard in {"both": (True, False), "on": (True,), "off": (False,)}[args.guard]:
+            runs.append(serve_and_run(args, guard, logs))
+            print(f"guard {'on' if guard else 'off'}: "
+                  f"{sum(a.good for a in runs[-1].answers)}/{len(runs[-1].answers)} good, "
+                  f"closed {runs[-1].closed}", flush=True)  # fmt: skip
+        with (out / "answers.jsonl").open("w") as f:
+            for run in runs:
+                for a in run.answers:
+                    f.write(json.dumps(asdict(a), ensure_ascii=False) + "\n")
+        counters = {"on" if r.guard else "off": r.closed for r in runs}
+        (out / "runs.json").write_text(json.dumps(counters, indent=1) + "\n")
     if any(r.guard for r in runs):
         (out / "report.md").write_text(report(args, runs))
         print((out / "report.md").read_text())

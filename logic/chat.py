@@ -388,7 +388,9 @@ class CompletionService:
         text = "".join(choice.text)
         if prepared.output.tools is None:
             content = response_format.enforce(
-                prepared.output.response_format, self.pipeline.after(text), cut=_cut(prepared, choice)
+                prepared.output.response_format,
+                self.pipeline.after(text),
+                cut=_cut(prepared, choice),
             )
             return AssistantMessage(content=content), choice.finish_reason or "stop"
         parser = ToolCallParser(prepared.output.tools)

@@ -105,9 +105,7 @@ def cut_at(text: str) -> str:
                 frames[-1][1] += 1
             else:
                 frames[-1][1] = None
-    return _where(
-        [frame[1] for frame in frames if frame[1] is not None or frame[0] == "["]
-    )
+    return _where([frame[1] for frame in frames if frame[1] is not None or frame[0] == "["])
 
 
 def _loads(text: str) -> Any:

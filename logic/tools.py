@@ -19,9 +19,10 @@ a tool the request offered and its arguments match that tool's ``parameters`` sc
 - ``none`` (the default without tools): the tools are not shown, the answer is plain text.
 
 ``parallel_tool_calls`` false, or a named function, allows one call per answer. The answer is
-then split back into ``content`` and ``tool_calls`` by :class:`ToolCallParser`, whole or as a stream, in which a
-call's index, id and name come first, then pieces of its arguments' JSON text. The argument
-text is the model's own (a client concatenating the pieces gets exactly the whole answer's).
+then split back into ``content`` and ``tool_calls`` by :class:`ToolCallParser`, whole or as a
+stream, in which a call's index, id and name come first, then pieces of its arguments' JSON
+text. The argument text is the model's own (a client concatenating the pieces gets exactly the
+whole answer's).
 
 This module imports neither torch nor a grammar engine: the grammar travels to the runner as
 an xgrammar structural tag, JSON text that the native engine and vLLM both compile.

@@ -60,6 +60,7 @@ class ClosingSearch:
         self._vocab_size = len(decoded_vocab)
         never = set(never)
         index = {raw: i for i, raw in enumerate(decoded_vocab) if raw and i not in never}
+        self._index, self._longest = index, max(map(len, index), default=1)
         # Tokens that only close (quotes and brackets), the longest first: most progress a step.
         closers = [i for raw, i in index.items() if set(raw) <= set(b'"]}')]
         closers.sort(key=lambda i: (-len(decoded_vocab[i]), i))
@@ -97,7 +98,7 @@ class ClosingSearch:
             if stop is not None:
                 path.append(stop)
                 continue
-            forced = matcher.find_jump_forward_tokens()
+            forced = self._tokens(matcher.find_jump_forward_string().encode())
             if forced:
                 for token in forced[: limit - len(path)]:
                     if not matcher.accept_token(token):
@@ -118,6 +119,21 @@ class ClosingSearch:
                     return None
                 path.append(int(ranked[0]))
         return path
+
+    def _tokens(self, text: bytes) -> list[int]:
+        """``text`` in the vocabulary's tokens, longest match first (xgrammar 0.2.8, which
+        vLLM's CPU build pins, has no find_jump_forward_tokens); as far as it goes."""
+        out, at = [], 0
+        while at < len(text):
+            for size in range(min(self._longest, len(text) - at), 0, -1):
+                token = self._index.get(text[at : at + size])
+                if token is not None:
+                    out.append(token)
+                    at += size
+                    break
+            else:
+                break
+        return out
 
     def _candidates_at(self, matcher: xgr.GrammarMatcher) -> list[int]:
         if self._probe is not None and matcher.accept_token(self._probe):
@@ -192,6 +208,7 @@ class Guard:
         self._checked_at = -CHECK_EVERY  # measured at the first token
         self._way: list[int] | None = None  # from the state before the last token, if measured
         self._ended = False
+        self._stuck = False  # no way fits and none was kept: measured every CHECK_EVERY only
 
     def step(self, token: int) -> Verdict:
         if self._ended:
@@ -206,24 +223,31 @@ class Guard:
             self._ended = True
             return _GO_ON
         if self._repeats is not None and self._repeats.push(token):
-            way = self._search.way(matcher.fork(), limit=max(left, 0))
+            way = self._find(limit=max(left, 0))
+            if self._ended:
+                return _GO_ON
             if way is not None:
                 self._ended = True
                 return Verdict(way=way, why="loop")
         if not self._close:
             return _GO_ON
-        due = left <= 2 * self._need + WINDOW or self._produced - self._checked_at >= CHECK_EVERY
+        since = self._produced - self._checked_at
+        due = since >= CHECK_EVERY or not self._stuck and left <= 2 * self._need + WINDOW
         if not due:
             self._way = None
             return _GO_ON
-        way = self._search.way(matcher.fork(), limit=left)
+        way = self._find(limit=left)
+        if self._ended:
+            return _GO_ON
         self._checked_at = self._produced
         if way is None:
             previous, self._way = self._way, None
             if previous is None:
-                # The way grew past the budget between checks: no close fits now; measured at
-                # every token from here, one may again (the model closing things itself).
-                self._need = max(self._need, left)
+                # No way fits the tokens left (a long minLength, or the way grew past them
+                # between checks): the answer will be cut as without the guard, unless the
+                # model closes things itself; looked at again every CHECK_EVERY tokens, a
+                # search bounded by the tokens left each time.
+                self._stuck = True
                 return _GO_ON
             matcher.rollback(1)  # this token leaves no room to close: the way from before it
             self._ended = True
@@ -231,8 +255,16 @@ class Guard:
         # Kept for the next token: when that one leaves no room, it is taken back and this way
         # closes instead. (Not closed at once when the way just fits: the model may end it.)
         self._need = max(self._need, len(way))
-        self._way = way
+        self._way, self._stuck = way, False
         return _GO_ON
+
+    def _find(self, *, limit: int) -> list[int] | None:
+        try:
+            return self._search.way(self._matcher.fork(), limit=limit)
+        except Exception:  # noqa: BLE001 - the guard only helps: it never fails an answer
+            logger.exception("structured output: the closing search failed; the guard is off")
+            self._ended = True
+            return None
 
     def close_chunk(self, chunk: GenerationChunk, *, logprobs: bool) -> GenerationChunk | None:
         """For an engine's stream, one chunk at a time: None to pass ``chunk`` on, or the
@@ -245,7 +277,10 @@ class Guard:
         for k, token in enumerate(chunk.token_ids):
             verdict = self.step(token)
             if not verdict.accepted:
-                logger.warning("structured output: the closing guard is out of step; off")
+                logger.warning(
+                    "structured output: the closing guard is out of step at token %d (%d of "
+                    "the answer); off", token, self._produced + 1,
+                )  # fmt: skip
                 return None
             if verdict.way is None:
                 continue

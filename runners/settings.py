@@ -97,7 +97,8 @@ class RunnerSettings(CommonSettings):
 
 @dataclass(frozen=True)
 class ClosingOptions:
-    """What the closing guard does (runners/closing.py), from ``LLM_STRUCTURED_CLOSE`` and ``LLM_STRUCTURED_LOOP_TOKENS``."""
+    """What the closing guard does (runners/closing.py), from ``LLM_STRUCTURED_CLOSE`` and
+    ``LLM_STRUCTURED_LOOP_TOKENS``."""
 
     close: bool  # close at the budget
     loop_tokens: int  # close a loop this many tokens long; 0: never

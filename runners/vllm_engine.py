@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 from vllm import SamplingParams as VLLMSamplingParams
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -89,6 +90,14 @@ def engine_args(
         # step's time (iteration details) for the busy-time series.
         disable_log_stats=True,
         enable_logging_iteration_details=True,
+        # Compact JSON, as on the native engine, by xgrammar (our grammar engine too, and the
+        # structural tags' format; strict by default: no properties a schema does not name).
+        # vLLM 0.32 reads disable_any_whitespace from its engine config only (the request's
+        # flag is ignored): without it answers wander in newlines and indents, and the
+        # closing guard's grammar (compiled as ours) would not follow them.
+        structured_outputs_config=StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True
+        ),
         **{key: value for key, value in optional.items() if value is not None},
     )
 

@@ -163,3 +163,71 @@ def test_streamed_json_object_is_compact_and_parses(client):
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert isinstance(json.loads(text), dict)
     assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- answers that finish
+
+
+class Triple(BaseModel):
+    subject: str
+    relation: str
+    object: str
+
+
+class Triples(BaseModel):
+    triples: list[Triple]
+
+
+TRIPLES_PROMPT = (
+    "Extract the facts as triples: Marie Curie was born in Warsaw and won the Nobel Prize."
+)
+
+
+@pytest.mark.parametrize("budget", [300, 60])
+def test_an_answer_that_loops_is_closed_validly_within_its_budget(client, budget):
+    # The default model repeats triples under greedy decoding until any budget runs out; the
+    # runner closes the list (at the loop, or before the budget) and the SDK parses it.
+    completion = client.chat.completions.parse(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": TRIPLES_PROMPT}],
+        response_format=Triples,
+        max_tokens=budget,
+        temperature=0,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Triples) and choice.message.parsed.triples
+    assert completion.usage.completion_tokens <= budget
+
+
+def test_a_streamed_json_object_is_closed_within_its_budget(client):
+    # "List two planets as JSON." writes a key that never closes; 40 tokens would cut it.
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "List two planets as JSON."}],
+        response_format={"type": "json_object"},
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens <= 40
+
+
+def test_a_budget_too_small_for_any_valid_answer_is_a_422_that_says_it_was_cut(client):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.parse(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": TRIPLES_PROMPT}],
+            response_format=Triples,
+            max_tokens=3,
+            temperature=0,
+        )
+    body = caught.value.body
+    assert body["code"] == "response_format_not_met" and body["param"] == "max_tokens"
+    assert "cut by max_tokens (3 tokens)" in body["message"]
+    assert "does not match" not in body["message"]

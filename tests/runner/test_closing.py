@@ -14,7 +14,7 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from contract.tokens import SamplingParams, StructuredOutput
-from runners.closing import Guard, Repeats
+from runners.closing import Repeats
 from runners.engine import GenerationEngine
 from runners.grammar import Grammars
 from runners.settings import ClosingOptions

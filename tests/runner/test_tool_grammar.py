@@ -247,3 +247,17 @@ def test_a_tool_schema_the_grammar_engine_cannot_compile_is_the_clients_error(
         asyncio.run(grammars.matcher(spec([WEATHER, bad]), [tokenizer.eos_token_id]))
     assert caught.value.param == "tools" and caught.value.code == "invalid_value"
     assert ".cc:" not in str(caught.value)
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("parallel", [None, True])
+def test_a_named_function_is_called_exactly_once(accepts, native, parallel):
+    # As OpenAI's API answers: parallel_tool_calls counts for auto and required only.
+    named = {"tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+             "parallel_tool_calls": parallel, "native": native}  # fmt: skip
+    one = hermes(*PARIS) if native else block(PARIS)
+    two = f"{hermes(*PARIS)}\n{hermes(*ROME)}" if native else block(PARIS, ROME)
+    assert accepts(one, [WEATHER, CLOCK], **named)
+    assert not accepts(two, [WEATHER, CLOCK], **named)
+    # (required still takes several, unless parallel_tool_calls is false)
+    assert accepts(two, [WEATHER, CLOCK], tool_choice="required", native=native)

@@ -6,12 +6,16 @@ import time
 
 import pytest
 
+from logic.errors import UnprocessableError
 from logic.json_output import (
     JSONExtractionError,
+    cut_at,
     extract_json,
     schema_errors,
     validation_errors,
 )
+from logic.protocol import JsonSchemaFormat, ResponseFormat
+from logic.response_format import enforce
 
 # ---------------------------------------------------------------- extraction
 
@@ -134,3 +138,59 @@ def test_schema_errors_name_the_problem():
         "at properties/a/minLength: -1 is less than the minimum of 0"
     )
     assert schema_errors(["not", "a", "schema"]) == ["the schema must be an object"]
+
+
+# ---------------------------------------------------------------- answers cut short
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('{"triples":[{"subject":"Marie Curie","relation":"born in","object":"Warsaw"},'
+         '{"subject":"Marie Curie","relation":"subj', "$.triples[1].relation"),
+        ('{"2020-01-01T12:30:00-00:00', "$"),  # inside a key: the object it belongs to
+        ('{"a":[1,2,[3', "$.a[2][0]"),
+        ('{"a":{"b \\" c":"}]x', '$.a.b " c'),  # quotes and brackets inside strings
+        ("[", "$[0]"),
+    ],
+)  # fmt: skip
+def test_a_cut_answer_says_where_it_was_cut(text, where):
+    assert cut_at(text) == where
+
+
+TRIPLES = {
+    "type": "object",
+    "properties": {"triples": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"subject": {"type": "string"}, "object": {"type": "string"}},
+        "required": ["subject", "object"],
+    }}},
+    "required": ["triples"],
+}  # fmt: skip
+
+
+def fmt(schema: dict) -> ResponseFormat:  # what a request holds
+    return JsonSchemaFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+
+
+def test_an_answer_cut_by_its_budget_is_reported_as_cut_never_as_a_mismatch():
+    # Its first inner object parses, and does not match the root schema: that is not the news.
+    cut = '{"triples":[{"subject":"Marie Curie","object":"Warsaw"},{"subject":"Mar'
+    with pytest.raises(UnprocessableError) as caught:
+        enforce(fmt(TRIPLES), cut, cut=300)
+    message = caught.value.message
+    assert "cut by max_tokens (300 tokens)" in message and "$.triples[1].subject" in message
+    assert "does not match" not in message
+    assert (caught.value.code, caught.value.param) == ("response_format_not_met", "max_tokens")
+
+
+def test_a_whole_answer_that_does_not_match_is_a_mismatch_even_at_its_budget():
+    for cut in (None, 300):
+        with pytest.raises(UnprocessableError) as caught:
+            enforce(fmt(TRIPLES), '{"triples":[{"subject":"A"}]}', cut=cut)
+        assert "does not match the JSON schema" in caught.value.message
+    # and one that matches is the answer, whatever the finish reason
+    whole = '{"triples":[{"subject":"A","object":"B"}]}'
+    assert enforce(fmt(TRIPLES), whole, cut=300) == whole

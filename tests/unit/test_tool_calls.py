@@ -135,6 +135,9 @@ def test_tools_without_tool_choice_plan_auto_and_parallel_calls():
 def test_parallel_tool_calls_false_plans_one_call():
     assert plan(parallel_tool_calls=False).parallel is False
     assert plan(tool_choice="required", parallel_tool_calls=True).parallel is True
+    # A named function is called once, whatever parallel_tool_calls says (as OpenAI's API).
+    named = {"type": "function", "function": {"name": "send_email"}}
+    assert plan(tool_choice=named, parallel_tool_calls=True).parallel is False
 
 
 def test_required_mode_offers_every_tool():
@@ -243,6 +246,13 @@ def test_a_call_cut_short_is_unprocessable(cut):
         parser.close()
     assert caught.value.status_code == 422
     assert (caught.value.code, caught.value.param) == ("tool_call_incomplete", "tools")
+    # Told that the answer ran out of its budget, the error says so, and which call.
+    parser = ToolCallParser(plan())
+    parser.push(cut)
+    with pytest.raises(UnprocessableError) as caught:
+        parser.close(cut=120)
+    assert (caught.value.code, caught.value.param) == ("tool_call_incomplete", "max_tokens")
+    assert "cut by max_tokens (120 tokens)" in caught.value.message
 
 
 @pytest.mark.parametrize(

@@ -474,3 +474,25 @@ def test_free_answers_do_not_change_beside_constrained_ones(client):
             tools.assert_valid_calls(message.tool_calls, set(tools.SCHEMAS))
         assert isinstance(parsed.result().choices[0].message.parsed, model)
     assert together == alone
+
+
+def test_structured_answers_are_closed_within_their_budget_on_vllm_too(client, native_chat):
+    """The closing guard over vLLM's stream (runners/closing.py): what loops or runs out of
+    tokens is closed validly, whole and streamed; a budget no answer fits is a 422 that says
+    it was cut; a named tool is called once. Greedy, the closed answer is the native
+    engine's, token for token."""
+    from tests.e2e import test_structured as structured
+
+    for budget in (300, 60):
+        structured.test_an_answer_that_loops_is_closed_validly_within_its_budget(client, budget)
+    structured.test_a_streamed_json_object_is_closed_within_its_budget(client)
+    structured.test_a_budget_too_small_for_any_valid_answer_is_a_422_that_says_it_was_cut(client)
+    body = {
+        "messages": [{"role": "user", "content": "List two planets as JSON."}],
+        "response_format": {"type": "json_object"}, "max_tokens": 40, "temperature": 0,
+    }  # fmt: skip
+    ours = _ask(client, body["messages"][0]["content"], **{k: v for k, v in body.items()
+                                                          if k != "messages"})  # fmt: skip
+    native = native_chat(**body)
+    assert ours.choices[0].message.content == native.choices[0].message.content
+    assert ours.usage.completion_tokens == native.usage.completion_tokens <= 40
