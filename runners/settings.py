@@ -86,7 +86,7 @@ class RunnerSettings(CommonSettings):
         48,
         ge=0,
         description="A constrained answer whose last tokens repeat themselves, period after "
-        "period (at least two copies, this many tokens in all), is closed there, validly, "
+        "period (at least three copies, this many tokens in all), is closed there, validly, "
         "instead of looping to its max_tokens. 0: never. Answers without such a repeat are "
         "unchanged.",
     )

@@ -178,19 +178,21 @@ def test_a_loop_is_closed_where_it_repeats(grammars, tokenizer):
             break
     item_tokens = len(tokenizer.encode('{"subject":"Marie Curie","relation":"subject",'
                                        '"object":"Marie Curie"},'))  # fmt: skip
-    assert len(kept) < 4 * item_tokens  # the second copy, not the fortieth
+    assert len(kept) < 5 * item_tokens  # the third copy, not the fortieth
     value = json.loads(text_of(tokenizer, kept + verdict.way))
     jsonschema.validate(value, TRIPLES)
 
 
-def test_repeats_needs_two_whole_periods_and_the_length():
+def test_repeats_needs_three_whole_periods_and_the_length():
     loops = Repeats(min_tokens=8)
     assert not any(loops.push(t) for t in range(100))  # nothing repeats
     loops = Repeats(min_tokens=8)
-    seen = [loops.push(t) for t in [1, 2, 3] * 3]  # period 3: 8 tokens at the 8th
-    assert seen.index(True) == 7
-    loops = Repeats(min_tokens=8)
-    assert not any(loops.push(t) for t in [5, 6, 7, 8, 9, 1, 2, 3, 4, 0, 11])  # one copy
+    seen = [loops.push(t) for t in [1, 2, 3] * 4]  # period 3: the third copy's last token
+    assert seen.index(True) == 8
+    loops = Repeats(min_tokens=12)  # ... and 12 tokens in all
+    assert [loops.push(t) for t in [1, 2, 3] * 4].index(True) == 11
+    loops = Repeats(min_tokens=8)  # an item written twice, then the end: an answer
+    assert not any(loops.push(t) for t in [9, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 0, 11])
 
 
 def _constraint(state: xgr.GrammarMatcher):

@@ -235,6 +235,9 @@ def test_engine_arguments_follow_the_settings():
     assert on_cpu.enforce_eager and not on_cpu.enable_prefix_caching
     assert on_cpu.gpu_memory_utilization == 0.8 and on_cpu.logprobs_mode == "processed_logprobs"
     assert on_cpu.shutdown_timeout == 90  # SIGTERM drains rather than aborts
+    # Compact JSON as on the native engine: vLLM reads it from the engine's config only.
+    structured = on_cpu.structured_outputs_config
+    assert (structured.backend, structured.disable_any_whitespace) == ("xgrammar", True)
     on_gpu = engine_args("/models/x", RunnerSettings(), VLLMSettings(), on_gpu=True)
     assert on_gpu.dtype == "bfloat16" and on_gpu.kv_cache_memory_bytes is None
     assert on_gpu.enable_prefix_caching  # on by default

@@ -416,6 +416,7 @@ def test_structured_outputs_parse_on_vllm_too(client):
         choice = completion.choices[0]
         assert choice.finish_reason == "stop", (model.__name__, choice.message.content)
         assert isinstance(choice.message.parsed, model)
+        assert "\n" not in choice.message.content  # compact, as on the native engine
     bad = {"type": "string", "pattern": "(?<=a)b"}  # no grammar engine compiles a lookbehind
     with pytest.raises(openai.BadRequestError) as info:
         _ask(client, "Hi", max_tokens=8, response_format={
