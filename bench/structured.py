@@ -8,8 +8,9 @@
    free text against the same requests constrained to a JSON schema with one long string
    (so both run to the same length and the difference is the masking, not shorter answers).
 3. What the closing guard (runners/closing.py) costs structured requests: the same engine with
-   it on and off, on a list the model fills until its budget (closed there when on) and on
-   the long string (which no close fits: the guard looks, and lets it be cut). Free text
+   it on and off, on a story the model writes to its budget (closed there when on, cut when
+   off) and on the long string (which no close fits: the guard looks, and lets it be cut).
+   Free text
    never meets the guard (it is built for constrained requests only).
 """
 
@@ -31,11 +32,12 @@ LONG = {
     "properties": {"story": {"type": "string", "minLength": 2000}},
     "required": ["story"],
 }
-# A list the model fills to its budget: the guard closes it there.
-LIST = {
+# A story the model writes on past its minimum, to its budget: the guard closes it there
+# (measured: every answer at 96 tokens), and without it the answer is cut at the same length.
+STORY = {
     "type": "object",
-    "properties": {"items": {"type": "array", "items": {"type": "string"}}},
-    "required": ["items"],
+    "properties": {"story": {"type": "string", "minLength": 120}},
+    "required": ["story"],
 }
 PROMPTS = [
     "Write a long story about a lighthouse keeper.", "Tell me everything about bread.",
@@ -116,12 +118,49 @@ async def throughput(
             "step_ms": 1e3 * busy / steps}  # fmt: skip
 
 
-def closing_cost(engine, tokenizer, clients: int, tokens: int, long: StructuredOutput) -> dict:
+NO_FIT = {  # a minimum no budget here reaches: the guard looks, pauses, and lets it be cut
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 100000}},
+    "required": ["story"],
+}
+
+
+def guard_cpu_cost(engine, tokenizer, tokens: int) -> dict:
+    """The guard's own time per token (microseconds), on one answer's tokens replayed into it,
+    against the grammar's token acceptance alone: exact where the throughput ratio is noise."""
+
+    grammars = engine._get_grammars()
+    text = '{"story":"' + "Once upon a time a lighthouse keeper lit the lamp each night. " * 40
+    ids = tokenizer.encode(text)[:tokens]
+    found = {}
+    for name, schema in (("closed at its budget", STORY), ("no close fits", NO_FIT)):
+        spec = StructuredOutput(kind="json_schema", json_schema=json.dumps(schema))
+        times = {}
+        for with_guard in (True, False):
+            started, runs = time.perf_counter(), 10
+            for _ in range(runs):
+                constraint = asyncio.run(grammars.matcher(spec, []))
+                if with_guard:
+                    guard = grammars.guard_on(constraint, budget=tokens,
+                                              options=ClosingOptions(True, 48))  # fmt: skip
+                    for token in ids:
+                        if guard.step(token).way is not None:
+                            break
+                else:
+                    for token in ids:
+                        constraint.accept(token)
+            times[with_guard] = 1e6 * (time.perf_counter() - started) / runs / len(ids)
+        found[name] = {"guard_us_per_token": times[True], "accept_us_per_token": times[False]}
+    return found
+
+
+def closing_cost(engine, tokenizer, clients: int, tokens: int) -> dict:
     """Structured throughput with the closing guard on and off, alternated (on, off, on, off),
     the better of two runs each: the machine's noise is larger than the guard's cost."""
-    listed = StructuredOutput(kind="json_schema", json_schema=json.dumps(LIST))
+    story = StructuredOutput(kind="json_schema", json_schema=json.dumps(STORY))
     found = {}
-    for name, spec in (("a list filled to its budget", listed), ("a long string", long)):
+    no_fit = StructuredOutput(kind="json_schema", json_schema=json.dumps(NO_FIT))
+    for name, spec in (("closed at its budget", story), ("no close fits", no_fit)):
         runs: dict[bool, list] = {True: [], False: []}
         for _ in range(2):
             for on in (True, False):
@@ -151,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compiled = compile_times(engine)
         json_spec = StructuredOutput(kind="json_schema", json_schema=json.dumps(LONG))
+        # Masking alone first: the guard would close the long string (its minLength filled
+        # with the longest words) and change the lengths compared.
+        engine._closing = ClosingOptions(close=False, loop_tokens=0)
         asyncio.run(throughput(engine, tokenizer, args.clients, 8, None))  # warm-up
         free = asyncio.run(throughput(engine, tokenizer, args.clients, args.tokens, None))
         constrained = asyncio.run(
@@ -159,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         tools = asyncio.run(
             throughput(engine, tokenizer, args.clients, args.tokens, tools_spec("auto"))
         )
-        guard = closing_cost(engine, tokenizer, args.clients, args.tokens, json_spec)
+        guard = closing_cost(engine, tokenizer, args.clients, args.tokens)
+        per_token = guard_cpu_cost(engine, tokenizer, args.tokens)
     finally:
         engine.close()
     print(f"first use (the tokenizer's vocabulary): {compiled[0]['cold_ms']:.0f} ms")
@@ -185,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"closing guard on / off, {name}: {ratio:.3f} ({on['output_tokens_per_s']:.1f} "
               f"against {off['output_tokens_per_s']:.1f} tok/s; step {on['step_ms']:.1f} "
               f"against {off['step_ms']:.1f} ms; closed {on['closed']})")  # fmt: skip
+    step_ms = guard["closed at its budget"][1]["step_ms"]
+    for name, cost in per_token.items():
+        extra = cost["guard_us_per_token"] - cost["accept_us_per_token"]
+        print(f"closing guard's own time, {name}: {cost['guard_us_per_token']:.0f} us a token "
+              f"(the grammar's acceptance alone {cost['accept_us_per_token']:.0f} us): at "
+              f"{args.clients} concurrent, {100 * extra * args.clients / 1e3 / step_ms:.1f}% "
+              f"of a {step_ms:.0f} ms step")  # fmt: skip
     print(json.dumps({"compile": compiled, "free": free, "constrained": constrained,
-                      "tools_auto": tools, "closing_guard": guard}))  # fmt: skip
+                      "tools_auto": tools, "closing_guard": guard,
+                      "closing_guard_cpu": per_token}))  # fmt: skip
     return 0
 
 

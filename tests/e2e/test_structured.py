@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 from typing import Literal
 
@@ -198,6 +199,24 @@ def test_an_answer_that_loops_is_closed_validly_within_its_budget(client, budget
     assert choice.finish_reason == "stop"
     assert isinstance(choice.message.parsed, Triples) and choice.message.parsed.triples
     assert completion.usage.completion_tokens <= budget
+
+
+def closed_early(client: openai.OpenAI) -> float:
+    """The API's count of answers the runner closed early (at a loop or the budget)."""
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("llm_api_structured_closed_total")
+    )
+
+
+def test_the_closed_answers_are_counted(client):
+    before = closed_early(client)
+    test_an_answer_that_loops_is_closed_validly_within_its_budget(client, 60)
+    assert closed_early(client) == before + 1
 
 
 def test_a_streamed_json_object_is_closed_within_its_budget(client):
