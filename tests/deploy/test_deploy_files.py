@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from contract.engine import EngineStats
 from runners.metrics import engine_metrics
 from tests.served import ROOT
 
@@ -121,15 +122,7 @@ def test_the_api_scales_on_cpu_and_the_runner_on_a_metric_the_runner_exports():
     assert runner_hpa["spec"]["scaleTargetRef"]["name"] == "llm-runner"
     (metric,) = runner_hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
-    stats = types.SimpleNamespace(
-        steps=0,
-        prefill_tokens=0,
-        decode_tokens=0,
-        finished=0,
-        cancelled=0,
-        refused=0,
-        busy_seconds=0.0,
-    )
+    stats = EngineStats()
     engine = types.SimpleNamespace(
         name="native", running=3, waiting=2, max_batch_size=16, max_in_flight=32, closed=False,
         stats=stats, extra_metrics=list,
