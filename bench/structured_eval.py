@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from bench.suite import server
 from contract.settings import DEFAULT_MODEL
+from tests.e2e.test_structured import TRIPLES_PROMPT, Triples  # the first case
 from tests.served import free_port
 
 SCHEMA_BUDGET, TOOL_BUDGET = 300, 120
@@ -46,16 +47,6 @@ TEMPERATURE, SEED = 0.8, 7
 
 
 # ---------------------------------------------------------------- pydantic models
-
-
-class Triple(BaseModel):
-    subject: str
-    relation: str
-    object: str
-
-
-class Triples(BaseModel):
-    triples: list[Triple]
 
 
 class CityInfo(BaseModel):
@@ -196,8 +187,7 @@ class Meeting(BaseModel):
 
 
 MODELS: list[tuple[type[BaseModel], str]] = [
-    (Triples, "Extract the facts as triples: Marie Curie was born in Warsaw and won the Nobel "
-              "Prize."),
+    (Triples, TRIPLES_PROMPT),
     (CityInfo, "Describe Paris."),
     (Recipe, "A recipe for pancakes."),
     (SimpleRecipe, "Give me a recipe for tomato soup."),
