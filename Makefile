@@ -56,8 +56,14 @@ model: $(STAMP)
 
 # On SIGTERM or Ctrl+C: stop accepting, let answers in flight finish for GRACE seconds, exit.
 GRACE ?= 30
+# Idle client connections are kept KEEP_ALIVE seconds, longer than clients and proxies keep
+# theirs (httpx and so the openai client: 5 s, nginx: 60 s), so it is always the client that
+# closes one: at uvicorn's 5 s a busy server closed connections a client had just sent a
+# request on (docs/operations.md).
+KEEP_ALIVE ?= 75
 serve: model
-	$(VENV)/bin/bentoml serve $(SERVICE) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
+	$(VENV)/bin/bentoml serve $(SERVICE) --port $(PORT) --timeout-graceful-shutdown $(GRACE) \
+		--timeout-keep-alive $(KEEP_ALIVE)
 
 serve-monolith: SERVICE = service:Monolith
 serve-monolith: serve
@@ -174,14 +180,15 @@ serve-runner: model
 # RUNNER_URL may name several runners, comma-separated, or a host name with several addresses:
 # the API routes between them (docs/operations.md, Scaling out).
 serve-api: model
-	LLM_RUNNER_URL=$(RUNNER_URL) $(START) --port $(PORT) --timeout-graceful-shutdown $(GRACE)
+	LLM_RUNNER_URL=$(RUNNER_URL) $(START) --port $(PORT) --timeout-graceful-shutdown $(GRACE) \
+		--timeout-keep-alive $(KEEP_ALIVE)
 
 # N runner replicas (each on its own port from RUNNER_PORT, the cores split between them) and
 # one API over them, on this host.
 N ?= 2
 serve-replicas: model
 	N=$(N) PY=$(PY) PORT=$(PORT) RUNNER_PORT=$(RUNNER_PORT) GRACE=$(GRACE) SERVICE=$(SERVICE) \
-		deploy/serve-replicas.sh
+		KEEP_ALIVE=$(KEEP_ALIVE) deploy/serve-replicas.sh
 
 # The engine benchmark, side by side on one workload: ours (native engine) vs `transformers
 # serve`, ours on vLLM vs `vllm serve`, our engine vs vLLM's in process, in-process generate;

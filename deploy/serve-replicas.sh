@@ -17,6 +17,7 @@ PY=${PY:-.venv/bin/python}
 PORT=${PORT:-3000}
 RUNNER_PORT=${RUNNER_PORT:-3001}
 GRACE=${GRACE:-30}
+KEEP_ALIVE=${KEEP_ALIVE:-75} # the API's idle client connections (docs/operations.md)
 SERVICE=${SERVICE:-service:ChatAPI}
 HOST=${HOST:-127.0.0.1}
 
@@ -61,7 +62,8 @@ echo "API on :$PORT over $runner_urls" >&2
 # The API alone (LLM_RUNNER_URL set: no runner in its graph, no torch in its process). It is
 # ready once one replica is; the router brings the others in as they come up.
 BENTOML_HOME=$(own_home api) LLM_RUNNER_URL=$runner_urls \
-    "${start[@]}" --port "$PORT" --timeout-graceful-shutdown "$GRACE" &
+    "${start[@]}" --port "$PORT" --timeout-graceful-shutdown "$GRACE" \
+    --timeout-keep-alive "$KEEP_ALIVE" &
 api=$!
 pids=("$api" "${pids[@]}")
 wait "$api"

@@ -269,3 +269,15 @@ def test_compose_gives_the_same_grace_period():
     compose = _compose()
     for service in compose["services"].values():
         assert _grace(service["command"]) < int(service["stop_grace_period"].rstrip("s"))
+
+
+def test_the_api_keeps_idle_connections_longer_than_clients_and_proxies_do():
+    """A server that closes an idle connection first races the client's next request on it
+    (a reset, under load). httpx (the openai client) keeps them 5 s, nginx and cloud load
+    balancers 60 s: the API, in Kubernetes and compose, keeps them longer than either."""
+    api_args = [
+        _container(_one(_k8s_objects(), "Deployment", "llm-api"))["args"],
+        _compose()["services"]["api"]["command"],
+    ]
+    for args in api_args:
+        assert int(args[args.index("--timeout-keep-alive") + 1]) > 60

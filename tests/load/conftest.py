@@ -17,7 +17,10 @@ def tiny_server(tiny_model_tag: str) -> Iterator[ServedProcess]:
     """ChatAPI (2 workers) and LLMRunner serving the tiny model from the tests' model store,
     with the default limits: 16 batch slots, 32 requests in flight at the runner."""
     env = {**os.environ, "LLM_MODEL": tiny_model_tag, "LLM_API_WORKERS": "2"}
-    with ServedProcess([BENTOML, "serve", "service:ChatAPI"], port=free_port(), env=env) as s:
+    # As `make serve` serves: its keep-alive outlasts the clients' (at uvicorn's 5 s, the
+    # clients that wait out a Retry-After sometimes sent on a connection it was closing).
+    command = [BENTOML, "serve", "service:ChatAPI", "--timeout-keep-alive", "75"]
+    with ServedProcess(command, port=free_port(), env=env) as s:
         yield s
 
 
