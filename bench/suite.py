@@ -83,6 +83,7 @@ VLLM_START_TIMEOUT = 900  # vLLM compiles the model when it starts: minutes on a
 
 # The servers' names in the results; each run is "<name> (<n> clients)" or "(1 client)".
 OURS, PEER, VLLM_SERVE, OURS_VLLM = "ours", "transformers serve", "vllm serve", "ours on vLLM"
+LLAMA_SERVER, OURS_LLAMACPP = "llama-server", "ours on llama.cpp"
 
 # name: (what it compares, the bound, "min" or "max"; or None and "info": shown, no bound).
 # {n} is the number of concurrent clients (or in-process streams).
@@ -124,6 +125,28 @@ TARGETS: dict[str, tuple[str, float | None, str]] = {
         "shared 2,000-token system prompt, served: later TTFT / first TTFT, vllm serve",
         None, "info",
     ),
+    "llamacpp_throughput_vs_llama_server": (
+        "{n} clients: output tok/s, ours on llama.cpp / llama-server", 0.95, "min",
+    ),
+    "llamacpp_latency_vs_llama_server": (
+        "1-client latency, ours on llama.cpp / llama-server", 1.1, "max",
+    ),
+    "llamacpp_runner_memory_vs_llama_server": (
+        "memory (RSS): our llama.cpp runner process / llama-server", 1.3, "max",
+    ),
+    "llamacpp_memory_vs_llama_server": (
+        "memory (RSS): all our processes on llama.cpp / llama-server", None, "info",
+    ),
+    "native_vs_llama_server": (
+        "{n} clients: output tok/s, ours (native engine) / llama-server", None, "info",
+    ),
+    "native_latency_vs_llama_server": (
+        "1-client latency, ours (native engine) / llama-server", None, "info",
+    ),
+    "prefix_ttft_llamacpp": (
+        "shared 2,000-token system prompt, served: later TTFT / first TTFT, ours on llama.cpp",
+        0.1, "max",
+    ),
 }  # fmt: skip
 
 
@@ -149,6 +172,8 @@ def latency_comparisons(records: dict[str, list[RequestRecord]], clients: int) -
         "vllm_latency_vs_vllm_serve": (run_name(OURS_VLLM, 1), run_name(VLLM_SERVE, 1)),
         "served_latency_native_vs_vllm_serve": (run_name(OURS, 1), run_name(VLLM_SERVE, 1)),
         "in_process_latency_native_vs_vllm": (native_1, vllm_1),
+        "llamacpp_latency_vs_llama_server": (run_name(OURS_LLAMACPP, 1), run_name(LLAMA_SERVER, 1)),
+        "native_latency_vs_llama_server": (run_name(OURS, 1), run_name(LLAMA_SERVER, 1)),
     }
     return {
         key: {"runs": [a, b], **latency_ratio(records[a], records[b])}
@@ -183,7 +208,19 @@ def target_values(
         ),
         "prefix_ttft_ours": (prefix or {}).get(OURS, {}).get("ratio"),
         "prefix_ttft_vllm_serve": (prefix or {}).get(VLLM_SERVE, {}).get("ratio"),
+        "llamacpp_throughput_vs_llama_server": ratio(
+            results, run_name(OURS_LLAMACPP, clients), run_name(LLAMA_SERVER, clients)
+        ),
+        "native_vs_llama_server": ratio(results, ours, run_name(LLAMA_SERVER, clients)),
+        "prefix_ttft_llamacpp": (prefix or {}).get(OURS_LLAMACPP, {}).get("ratio"),
     }
+    memory = {name: found.get("memory") for name, found in results.items() if "memory" in found}
+    server_memory = memory.get(run_name(LLAMA_SERVER, clients), {}).get("all_mib")
+    ours_memory = memory.get(run_name(OURS_LLAMACPP, clients), {})
+    for key, part in (("llamacpp_runner_memory_vs_llama_server", "runner_mib"),
+                      ("llamacpp_memory_vs_llama_server", "all_mib")):  # fmt: skip
+        if server_memory and ours_memory.get(part):
+            values[key] = ours_memory[part] / server_memory
     for key, comparison in latency.items():
         values[key] = comparison.get("ratio")
     return {key: values.get(key) for key in TARGETS}
@@ -324,13 +361,15 @@ def measure_server(
     latency: bool = True,
     drop: bool = False,
     prefix: bool = False,
+    process: subprocess.Popen | None = None,
 ) -> None:
     """Warm-up, then throughput (and latency, drop, and a shared long system prompt) against
     a ready server."""
     warm_up(target, args.clients)
-    runs.add(
-        run_name(target.name, args.clients), *asyncio.run(run_clients(target, work, args.clients))
-    )
+    name = run_name(target.name, args.clients)
+    runs.add(name, *asyncio.run(run_clients(target, work, args.clients)))
+    if process is not None:  # right after the busiest run: the KV and batch buffers in use
+        runs.results[name]["memory"] = memory_of(process)
     if latency:
         subset = work[: args.latency_requests]
         runs.add(run_name(target.name, 1), *asyncio.run(run_clients(target, subset, 1)))
@@ -345,6 +384,23 @@ def measure_server(
         runs.prefix[target.name] = found
         first, later = found["first_ttft_s"], found["later_ttft_p50_s"]
         print(f"{target.name}: prefix TTFT first {first:.3f} s, later p50 {later:.3f} s")
+
+
+def memory_of(process: subprocess.Popen) -> dict[str, float]:
+    """Resident memory (MiB) of a server's process tree, and of its runner process (the one
+    whose command line names LLMRunner) where it has one."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree = [root, *root.children(recursive=True)]
+    found: dict[str, float] = {"all_mib": 0.0}
+    for proc in tree:
+        with suppress(psutil.Error):
+            rss = proc.memory_info().rss / (1 << 20)
+            found["all_mib"] += rss
+            if "LLMRunner" in " ".join(proc.cmdline()):
+                found["runner_mib"] = found.get("runner_mib", 0.0) + rss
+    return {k: round(v, 1) for k, v in found.items()}
 
 
 def vllm_server_command(venv: Path) -> list[str]:
@@ -401,6 +457,25 @@ def main(argv: list[str] | None = None) -> int:
         "--vllm-venv", type=Path, default=ROOT / ".venv-vllm", help="virtualenv with vLLM"
     )
     parser.add_argument(
+        "--skip-llamacpp", action="store_true", help="no llama-server or ours on llama.cpp"
+    )
+    parser.add_argument(
+        "--llamacpp-venv",
+        type=Path,
+        default=ROOT / ".venv-llamacpp",
+        help="virtualenv with llama-cpp-python (make ENGINE=llamacpp install)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="llama.cpp's server binary (default: bench/llama_server.sh builds it once)",
+    )
+    parser.add_argument("--skip-native", action="store_true", help="no ours on our engine")
+    parser.add_argument(
+        "--skip-in-process", action="store_true", help="no in-process engines or generate"
+    )
+    parser.add_argument(
         "--prefix-tokens",
         type=int,
         default=2000,
@@ -410,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     vllm_python = args.vllm_venv / "bin" / "python"
+    if not args.skip_llamacpp and not (args.llamacpp_venv / "bin" / "bentoml").exists():
+        parser.error(f"no llama.cpp virtualenv at {args.llamacpp_venv}: "
+                     "`make ENGINE=llamacpp install`, or pass --skip-llamacpp")  # fmt: skip
     if not args.skip_vllm and not vllm_python.exists():
         parser.error(f"no vLLM virtualenv at {args.vllm_venv}: `make ENGINE=vllm install`, "
                      "or pass --skip-vllm")  # fmt: skip
@@ -428,9 +506,41 @@ def main(argv: list[str] | None = None) -> int:
         target = Target(OURS, f"http://127.0.0.1:{args.port}/v1")
         cmd = [str(bin_dir / "bentoml"), "serve", args.service, "--port", str(args.port)]
         env = {**base_env, "LLM_ENGINE": "native"}
-        with server(cmd, f"http://127.0.0.1:{args.port}/readyz", logs / "ours.log", env):
-            measure_server(runs, target, args, work, drop=True, prefix=True)
+        with server(cmd, f"http://127.0.0.1:{args.port}/readyz", logs / "ours.log", env) as proc:
+            measure_server(runs, target, args, work, drop=True, prefix=True, process=proc)
             runs.notes["ours_prefix_cache"] = prefix_metrics(args.port)
+
+    def llama_server() -> None:
+        port = args.port + 4
+        binary = args.llama_server or Path(
+            subprocess.run(
+                ["bash", str(ROOT / "bench" / "llama_server.sh")], check=True, text=True,
+                stdout=subprocess.PIPE, env={**os.environ, "PY": sys.executable},
+            ).stdout.strip()
+        )  # fmt: skip
+        gguf = next(Path(directory).glob("*.gguf"))
+        # As a new user runs it: every core, one slot per client; its context (-c) defaults
+        # to the model's window, shared by the slots.
+        cmd = [
+            str(binary), "-m", str(gguf), "-t", str(os.cpu_count()), "-np", str(args.clients),
+            "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+        ]  # fmt: skip
+        runs.notes["llama_server_command"] = " ".join(cmd)
+        target = Target(LLAMA_SERVER, f"http://127.0.0.1:{port}/v1", "model")
+        ready = f"http://127.0.0.1:{port}/health"
+        with server(cmd, ready, logs / "llama-server.log", {}) as proc:
+            measure_server(runs, target, args, work, prefix=True, process=proc)
+
+    def ours_llamacpp() -> None:
+        port = args.port + 5
+        target = Target(OURS_LLAMACPP, f"http://127.0.0.1:{port}/v1")
+        bentoml_bin = args.llamacpp_venv / "bin" / "bentoml"
+        cmd = [str(bentoml_bin), "serve", args.service, "--port", str(port)]
+        env = {**base_env, "LLM_ENGINE": "llamacpp"}
+        ready = f"http://127.0.0.1:{port}/readyz"
+        with server(cmd, ready, logs / "ours-llamacpp.log", env) as proc:
+            measure_server(runs, target, args, work, drop=True, prefix=True, process=proc)
+            runs.notes["ours_llamacpp_prefix_cache"] = prefix_metrics(port)
 
     def peer() -> None:
         port = args.port + 1
@@ -480,16 +590,21 @@ def main(argv: list[str] | None = None) -> int:
         for name, (summary, recs) in found.items():
             runs.add(name, summary, recs)
 
-    runs.part("ours: bentoml serve, native engine", ours)
+    if not args.skip_native:
+        runs.part("ours: bentoml serve, native engine", ours)
     if not args.skip_peer:
         runs.part("peer: transformers serve", peer)
     if not args.skip_vllm:
         runs.part("vllm serve (vLLM compiles as it starts: minutes)", vllm_serve)
         runs.part("ours on vLLM: bentoml serve, LLM_ENGINE=vllm", ours_vllm)
-    runs.part("our engine in process", native_in_process)
-    if not args.skip_vllm:
-        runs.part("vLLM AsyncLLM in process", vllm_in_process)
-    runs.part("in-process generate", baselines)
+    if not args.skip_llamacpp:
+        runs.part("llama-server (llama.cpp's own server, the GGUF as shipped)", llama_server)
+        runs.part("ours on llama.cpp: bentoml serve, LLM_ENGINE=llamacpp", ours_llamacpp)
+    if not args.skip_in_process:
+        runs.part("our engine in process", native_in_process)
+        if not args.skip_vllm:
+            runs.part("vLLM AsyncLLM in process", vllm_in_process)
+        runs.part("in-process generate", baselines)
 
     latency = latency_comparisons(runs.records, args.clients)
     values = target_values(runs.results, latency, runs.drops, args.clients, runs.prefix)

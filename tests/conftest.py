@@ -37,7 +37,7 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         folder = Path(str(item.fspath)).parent.name
-        if folder in {"e2e", "deploy", "load", "vllm", "containers"}:
+        if folder in {"e2e", "deploy", "load", "vllm", "llamacpp", "containers"}:
             item.add_marker(folder)
 
 

@@ -1,0 +1,338 @@
+"""llama.cpp as the model behind our engine: the GGUF as shipped, on llama.cpp's CPU kernels.
+
+:class:`LlamaCppModel` is a :class:`runners.batch_model.BatchModel`: each step of
+:class:`runners.engine.GenerationEngine` (ours: continuous batching, admission, limits,
+cancellation, sampling, penalties, logprobs, grammars and the closing guard, metrics) is one
+``llama_decode`` of every sequence's tokens together, through the low-level API of the
+``llama-cpp-python`` bindings. llama.cpp computes logits; everything else is the engine the
+other paths share, so a request behaves the same on either (docs/engines.md).
+
+Why the bindings and not llama.cpp's own server as a process: the server samples itself
+(its own penalty, logprob and grammar semantics, GBNF instead of our xgrammar masks and
+closing guard), so each guarantee would be a translation, and a token-by-token HTTP hop
+costs more than its scheduler saves; measured side by side in docs/benchmarks.md.
+
+The KV cache is llama.cpp's, one sequence id per batch slot, unified (``kv_unified``) so
+sequences share cells: a prompt that starts like a sequence already in the cache (running,
+or finished and not yet overwritten) gets that prefix by ``llama_memory_seq_cp``, which adds
+a sequence id to the cells and copies nothing (:meth:`reuse`). A slot keeps its finished
+sequence's KV until the slot is reused or the cells are needed (:meth:`_make_room`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runners.batch_model import Work
+
+logger = logging.getLogger(__name__)
+
+_F16_BYTES = 2  # llama.cpp's KV cells are f16 unless told otherwise
+_init_lock = threading.Lock()
+_backend_ready = False
+
+
+def find_gguf(model_dir: str | Path) -> Path | None:
+    """The GGUF file a store entry keeps beside its safetensors, if any."""
+    found = sorted(Path(model_dir).glob("*.gguf"))
+    return found[0] if found else None
+
+
+def _quiet_logs(lib) -> None:
+    """llama.cpp logs every load step to stderr; keep its warnings and errors only, through
+    our logger."""
+
+    @lib.llama_log_callback
+    def callback(level, text, _user):  # GGML_LOG_LEVEL: 2 info, 3 warn, 4 error, 5 more
+        if level in (3, 4) and text and text.strip():
+            logger.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    lib.llama_log_set(callback, ctypes.c_void_p())
+    _quiet_logs.callback = callback  # keep it alive as long as the library may call it
+
+
+@dataclass
+class _Batch:
+    """A ``llama_batch`` whose arrays are numpy buffers we own, filled a slice at a time."""
+
+    capacity: int
+    token: np.ndarray = field(init=False)
+    pos: np.ndarray = field(init=False)
+    n_seq: np.ndarray = field(init=False)
+    seq: np.ndarray = field(init=False)
+    logits: np.ndarray = field(init=False)
+    seq_ptrs: object = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token = np.zeros(self.capacity, dtype=np.int32)
+        self.pos = np.zeros(self.capacity, dtype=np.int32)
+        self.n_seq = np.ones(self.capacity, dtype=np.int32)
+        self.seq = np.zeros(self.capacity, dtype=np.int32)
+        self.logits = np.zeros(self.capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each to that token's sequence ids:
+        # here, one id each, in ``seq``.
+        base = self.seq.ctypes.data
+        pointers = (ctypes.POINTER(ctypes.c_int32) * self.capacity)()
+        for i in range(self.capacity):
+            pointers[i] = ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32))
+        self.seq_ptrs = pointers
+
+    def struct(self, lib, n_tokens: int):
+        batch = lib.llama_batch()
+        batch.n_tokens = n_tokens
+        batch.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.embd = ctypes.POINTER(ctypes.c_float)()
+        batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = ctypes.cast(self.seq_ptrs, type(batch.seq_id))
+        batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        return batch
+
+
+class LlamaCppModel:
+    """One llama.cpp context over a GGUF: ``max_slots`` sequences, ``kv_tokens`` cells."""
+
+    paged = False  # the engine's block pool only budgets the cells; llama.cpp places them
+    simulated = False
+
+    def __init__(
+        self,
+        gguf: str | Path,
+        *,
+        max_slots: int,
+        max_step_tokens: int,
+        kv_tokens: int | None,
+        block_size: int,
+        threads: int | None = None,
+        flash_attention: bool = True,
+    ):
+        global _backend_ready
+        from llama_cpp import llama_cpp as lib  # the compiled library: this engine only
+
+        self._lib = lib
+        with _init_lock:
+            if not _backend_ready:
+                _quiet_logs(lib)
+                lib.llama_backend_init()
+                _backend_ready = True
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        self._model = lib.llama_model_load_from_file(str(gguf).encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        self.gguf = Path(gguf)
+        self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        self.context_length = lib.llama_model_n_ctx_train(self._model)
+        layers = lib.llama_model_n_layer(self._model)
+        heads = lib.llama_model_n_head(self._model)
+        kv_heads = lib.llama_model_n_head_kv(self._model)
+        head_dim = lib.llama_model_n_embd(self._model) // heads
+        self._per_token = layers * 2 * kv_heads * head_dim * _F16_BYTES
+        cells = kv_tokens or self.context_length
+        self.block_size = block_size
+        self.num_blocks = max(2, cells // block_size)
+        self.max_slots = max_slots
+        self.threads = threads or len(os.sched_getaffinity(0))
+        step = max(max_step_tokens, max_slots)
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.num_blocks * block_size
+        params.n_batch = step
+        params.n_ubatch = step  # one step, one graph: no split into micro-batches
+        params.n_seq_max = max_slots
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.kv_unified = True  # shared prefixes share cells; any sequence may use any cell
+        params.no_perf = True
+        off = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention else off
+        self._ctx = lib.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not make a context of {params.n_ctx} cells")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = _Batch(step)
+        # The token ids whose KV each sequence holds, position by position.
+        self._held: list[list[int]] = [[] for _ in range(max_slots)]
+        self._live: set[int] = set()
+        self.reused_tokens = 0
+
+    # -- BatchModel ------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        return self._per_token
+
+    def cache_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self._per_token
+
+    def forward(self, work: list[Work]) -> torch.Tensor:
+        n = sum(len(w.token_ids) for w in work)
+        if n > self._batch.capacity:
+            raise ValueError(f"a step of {n} tokens exceeds the batch of {self._batch.capacity}")
+        b = self._batch
+        at = 0
+        for w in work:
+            held = self._held[w.slot]
+            if len(held) > w.position:  # an older sequence's tail: not this one's
+                self._lib.llama_memory_seq_rm(self._memory, w.slot, w.position, -1)
+                del held[w.position :]
+            elif len(held) < w.position:
+                raise RuntimeError(
+                    f"slot {w.slot} holds {len(held)} positions, the step starts at {w.position}"
+                )
+            end = at + len(w.token_ids)
+            b.token[at:end] = w.token_ids
+            b.pos[at:end] = np.arange(w.position, w.position + len(w.token_ids))
+            b.seq[at:end] = w.slot
+            b.logits[at:end] = 0
+            b.logits[end - 1] = 1 if w.want_logits else 0
+            at = end
+            self._live.add(w.slot)
+        status = self._decode(n)
+        if status == 1:  # no room for the batch: finished sequences' KV goes, then again
+            self._make_room()
+            status = self._decode(n)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status})")
+        for w in work:
+            self._held[w.slot] += w.token_ids
+        outputs = int(b.logits[:n].sum())
+        if outputs == 0:
+            return torch.empty(0, self.vocab_size)
+        pointer = self._lib.llama_get_logits(self._ctx)
+        logits = np.ctypeslib.as_array(pointer, shape=(outputs, self.vocab_size))
+        return torch.from_numpy(logits.copy())  # llama.cpp reuses its buffer next step
+
+    def release(self, slot: int) -> None:
+        """The sequence is done: its KV stays, for a later prompt that starts the same way,
+        until the slot is reused or the cells are needed."""
+        self._live.discard(slot)
+
+    # -- prefix reuse (the engine asks at admission) ----------------------------------------
+
+    def choose_slot(self, free: list[int], prompt_ids: list[int]) -> int:
+        """The free slot for a new prompt: the one whose old sequence starts as the prompt
+        does (its KV is kept in place), else the one holding least (so the prefixes kept in
+        the others stay)."""
+        best, best_len = None, 0
+        for slot in free:
+            common = _common(self._held[slot], prompt_ids)
+            if common > best_len:
+                best, best_len = slot, common
+        donor_len = max((_common(self._held[s], prompt_ids) for s in self._live), default=0)
+        if best is not None and best_len >= donor_len:
+            return best
+        return min(free, key=lambda s: (len(self._held[s]), s))
+
+    def reuse(self, slot: int, prompt_ids: list[int]) -> int:
+        """Make ``slot`` hold the longest prefix of ``prompt_ids`` (all but its last token,
+        whose logits are needed) any sequence holds; return its length."""
+        limit = len(prompt_ids) - 1
+        own = min(_common(self._held[slot], prompt_ids), limit)
+        donor, donor_len = slot, own
+        for other in range(self.max_slots):
+            if other != slot:
+                common = min(_common(self._held[other], prompt_ids), limit)
+                if common > donor_len:
+                    donor, donor_len = other, common
+        lib, memory = self._lib, self._memory
+        if donor == slot:
+            lib.llama_memory_seq_rm(memory, slot, own, -1)
+        else:
+            lib.llama_memory_seq_rm(memory, slot, -1, -1)
+            lib.llama_memory_seq_cp(memory, donor, slot, 0, donor_len)
+        self._held[slot] = list(prompt_ids[:donor_len])
+        self.reused_tokens += donor_len
+        return donor_len
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _decode(self, n: int) -> int:
+        return self._lib.llama_decode(self._ctx, self._batch.struct(self._lib, n))
+
+    def _make_room(self) -> None:
+        """Drop the KV kept for finished sequences (cells shared with a live one stay)."""
+        for slot in range(self.max_slots):
+            if slot not in self._live and self._held[slot]:
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                self._held[slot] = []
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+
+def _common(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(held), len(prompt))
+    if n == 0:
+        return 0
+    a = np.asarray(held[:n])
+    b = np.asarray(prompt[:n])
+    diff = np.flatnonzero(a != b)
+    return int(diff[0]) if diff.size else n
+
+
+def load_engine(
+    model_dir: str | Path,
+    *,
+    threads: int | None,
+    max_batch_size: int,
+    max_batch_tokens: int,
+    max_in_flight: int | None,
+    kv_tokens: int | None,
+    block_size: int,
+    prefix_caching: bool,
+    closing,
+):
+    """Our engine over llama.cpp on the GGUF of a store entry (``LLM_ENGINE=llamacpp``)."""
+    from runners.engine import GenerationEngine
+
+    gguf = find_gguf(model_dir)
+    if gguf is None:
+        raise RuntimeError(
+            f"{model_dir} holds no .gguf file for llama.cpp: import the model from its GGUF "
+            "(`python -m runners.import_model --source FILE.gguf`; `make model` for the "
+            "default model), or serve it with LLM_ENGINE=native"
+        )
+    # The engine samples with torch on its own thread: one torch thread, so torch's OpenMP
+    # team does not spin against llama.cpp's on the same cores.
+    torch.set_num_threads(1)
+
+    def build() -> LlamaCppModel:
+        return LlamaCppModel(
+            gguf, max_slots=max_batch_size, max_step_tokens=max_batch_tokens,
+            kv_tokens=kv_tokens, block_size=block_size, threads=threads,
+        )  # fmt: skip
+
+    engine = GenerationEngine(
+        build,
+        torch.device("cpu"),
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        max_in_flight=max_in_flight,
+        prefix_caching=prefix_caching,
+        tokenizer_dir=model_dir,
+        closing=closing,
+        name="llamacpp",
+    )
+    model = engine.batch_model
+    logger.info(
+        "Loaded %s on llama.cpp (%d threads): batch <= %d sequences / %d tokens per step, "
+        "KV %d cells (%.2f GiB), prefix reuse %s",
+        gguf.name, model.threads, engine.max_batch_size, engine.max_batch_tokens,
+        model.num_blocks * model.block_size, model.cache_bytes() / (1 << 30),
+        "on" if prefix_caching else "off",
+    )  # fmt: skip
+    return engine

@@ -1,0 +1,224 @@
+"""Our engine over llama.cpp, in process, on the default model's GGUF (Q4_1, as shipped):
+batching, prefix reuse in llama.cpp's KV cells, room made from finished sequences' cells,
+cancellation, limits, sampling and constrained answers. Served: test_llamacpp_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from contract.errors import EngineBusyError, EngineRequestError
+from contract.tokens import SamplingParams, StructuredOutput
+from runners.llamacpp_model import load_engine
+from runners.metrics import engine_metrics
+from runners.settings import RunnerSettings
+from tests.llamacpp.conftest import store_entry
+from tests.served import samples
+
+EOS = 2
+
+
+def _engine(**overrides):
+    options = dict(
+        threads=None, max_batch_size=8, max_batch_tokens=512, max_in_flight=None,
+        kv_tokens=None, block_size=16, prefix_caching=True,
+        closing=RunnerSettings.model_construct().closing(),
+    )  # fmt: skip
+    options.update(overrides)
+    return load_engine(store_entry(), **options)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    built = _engine()
+    yield built
+    built.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(store_entry() / "tokenizer.json"))
+
+
+def _prompt(tokenizer, text: str, system: str | None = None) -> list[int]:
+    turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    turns += f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return tokenizer.encode(turns).ids
+
+
+def _greedy(n: int = 32, **extra) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[EOS], **extra)
+
+
+async def _run(engine, ids, params):
+    tokens, first_cached, last = [], None, None
+    async for chunk in engine.stream(ids, params):
+        tokens += chunk.token_ids
+        if first_cached is None:
+            first_cached = chunk.cached_tokens
+        last = chunk
+    return tokens, first_cached, last
+
+
+def _answer(engine, ids, params):
+    return asyncio.run(_run(engine, ids, params))
+
+
+def test_it_answers_from_the_gguf_with_the_tokenizers_ids(engine, tokenizer):
+    ids = _prompt(tokenizer, "What is the capital of France?")
+    tokens, _, last = _answer(engine, ids, _greedy())
+    assert "Paris" in tokenizer.decode(tokens)
+    assert last.finish_reason == "stop" and tokens[-1] == EOS
+    assert engine.name == "llamacpp" and engine.batch_model.vocab_size == tokenizer.get_vocab_size()
+
+
+def test_concurrent_requests_share_steps(engine, tokenizer):
+    prompts = [_prompt(tokenizer, f"Count from {i} to {i + 20}.") for i in range(6)]
+    steps_before = engine.stats.steps
+
+    async def all_at_once():
+        return await asyncio.gather(*[_run(engine, p, _greedy(24)) for p in prompts])
+
+    answers = asyncio.run(all_at_once())
+    produced = sum(len(tokens) for tokens, _, _ in answers)
+    assert all(len(tokens) > 5 for tokens, _, _ in answers)
+    # Batched: far fewer steps than tokens (one step per token would be unbatched).
+    assert engine.stats.steps - steps_before < 0.5 * produced
+    assert max(engine.stats.batch_sizes) >= 4
+
+
+def _next_token(engine, ids) -> list[tuple[int, float]]:
+    """The first answer token's five best (token, logprob)."""
+
+    async def one():
+        params = _greedy(1, logprobs=True, top_logprobs=5)
+        return [lp async for c in engine.stream(ids, params) for lp in c.logprobs or []]
+
+    (entry,) = asyncio.run(one())
+    return list(entry.top)
+
+
+def test_a_shared_prefix_is_reused_from_llamacpps_cells(tokenizer):
+    """The second prompt computes only what follows the shared system prompt, and the KV it
+    reuses is the KV it would have computed: the same next-token distribution as a fresh
+    engine's, to the float noise of llama.cpp's kernels, which differ with the shape of a
+    step (a 260-token prefill and a 10-token one take different matmul paths, so greedy
+    answers of this small model may part after a few tokens; so they do without reuse,
+    between a prefill in one step and in chunks)."""
+    system = "You are a careful assistant who answers in one short sentence. " * 20
+    engine = _engine()
+    try:
+        first = _prompt(tokenizer, "What is 2+2?", system)
+        second = _prompt(tokenizer, "Name a color.", system)
+        _, cached_first, _ = _answer(engine, first, _greedy(8))
+        _, cached, _ = _answer(engine, second, _greedy(8))
+        shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+        assert cached_first == 0 and cached == shared > 200
+        reused = _next_token(engine, second)  # reuses all but the last prompt token
+        metrics = samples(engine_metrics(engine))
+        assert metrics[("llm_runner_prefix_cache_hits_total", ())] >= shared + len(second) - 1
+    finally:
+        engine.close()
+    fresh = _engine(prefix_caching=False)
+    try:
+        computed = _next_token(fresh, second)
+    finally:
+        fresh.close()
+    assert [t for t, _ in reused][:2] == [t for t, _ in computed][:2]
+    for (_, a), (_, b) in zip(reused, computed, strict=True):
+        assert a == pytest.approx(b, abs=0.15)
+
+
+def test_finished_sequences_cells_make_room_for_new_ones(tokenizer):
+    """A KV of 1,024 cells and eight different prompts of ~150 tokens one after another: the
+    cells the finished ones kept are given up when the next needs them."""
+    engine = _engine(kv_tokens=1024, max_batch_size=4)
+    try:
+        for i in range(8):
+            text = f"Topic {i}: " + "tell me about rivers and mountains. " * 15
+            tokens, _, last = _answer(engine, _prompt(tokenizer, text), _greedy(16))
+            assert tokens and last.finish_reason in {"stop", "length"}
+        with pytest.raises(EngineRequestError) as caught:
+            engine.validate([1] * 1100, _greedy())
+        assert caught.value.code == "context_length_exceeded"
+    finally:
+        engine.close()
+
+
+def test_leaving_early_frees_the_slot_and_counts_it_cancelled(engine, tokenizer):
+    cancelled = engine.stats.cancelled
+
+    async def leave():
+        stream = engine.stream(_prompt(tokenizer, "Write a long story."), _greedy(500))
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(100):
+            if engine.running + engine.waiting == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    asyncio.run(leave())
+    assert engine.stats.cancelled == cancelled + 1 and engine.running + engine.waiting == 0
+
+
+def test_past_max_in_flight_a_request_is_refused_at_once(tokenizer):
+    engine = _engine(max_in_flight=1)
+    try:
+
+        async def two():
+            first = engine.stream(_prompt(tokenizer, "Write a long story."), _greedy(200))
+            await anext(first)
+            with pytest.raises(EngineBusyError):
+                await anext(engine.stream(_prompt(tokenizer, "Hi"), _greedy(4)))
+            await first.aclose()
+
+        asyncio.run(two())
+        assert engine.stats.refused == 1
+    finally:
+        engine.close()
+
+
+def test_sampling_seeds_penalties_and_logprobs(engine, tokenizer):
+    ids = _prompt(tokenizer, "Tell me a short story about a cat.")
+    sampled = SamplingParams(max_new_tokens=24, temperature=1.0, seed=11, stop_token_ids=[EOS])
+    one, _, _ = _answer(engine, ids, sampled)
+    two, _, _ = _answer(engine, ids, sampled)
+    other, _, _ = _answer(engine, ids, sampled.model_copy(update={"seed": 12}))
+    assert one == two and one != other
+    listing = _prompt(tokenizer, "List the days of the week, then list them again.")
+    plain, _, _ = _answer(engine, listing, _greedy(40))
+    penalized, _, _ = _answer(engine, listing, _greedy(40, frequency_penalty=1.5))
+    assert plain != penalized
+    with_lp = _greedy(8, logprobs=True, top_logprobs=3)
+
+    async def logprobs():
+        return [lp async for c in engine.stream(ids, with_lp) for lp in c.logprobs or []]
+
+    entries = asyncio.run(logprobs())
+    assert len(entries) >= 1
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert entry.top[0][0] == entry.token_id  # greedy: the best one was chosen
+        assert entry.top[0][1] >= entry.top[-1][1]
+
+
+def test_constrained_answers_follow_their_schema(engine, tokenizer):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    structured = StructuredOutput(kind="json_schema", json_schema=json.dumps(schema))
+    ids = _prompt(tokenizer, "Give me a city and its population as JSON.")
+    tokens, _, last = _answer(engine, ids, _greedy(60, structured=structured))
+    answer = json.loads(tokenizer.decode([t for t in tokens if t != EOS]))
+    assert set(answer) == {"city", "population"} and isinstance(answer["population"], int)
+    # Cut at 12 tokens: the closing guard ends it validly instead.
+    tokens, _, last = _answer(engine, ids, _greedy(12, structured=structured))
+    assert last.finish_reason == "stop" and len(tokens) <= 12
+    json.loads(tokenizer.decode([t for t in tokens if t != EOS]))
