@@ -34,7 +34,7 @@ PY := $(VENV)/bin/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas bench-structured test test-load test-vllm test-llamacpp lint format \
+.PHONY: config-docs gpu-wheels gpu-check install model serve serve-monolith serve-runner serve-api serve-replicas bench-replicas bench-structured bench-llamacpp test test-load test-vllm test-llamacpp lint format \
 	build build-runner build-api containerize containerize-runner containerize-api torch-wheel \
 	test-containers base-image bench bench-topology bench-topology-sim
 
@@ -218,7 +218,14 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: model $(BENCH_STAMP)
 	$(if $(findstring --skip-vllm,$(BENCH_ARGS)),,$(MAKE) ENGINE=vllm install)
-	$(PY) -m bench.suite --vllm-venv $(VLLM_VENV) $(BENCH_ARGS)
+	$(if $(findstring --skip-llamacpp,$(BENCH_ARGS)),,$(MAKE) ENGINE=llamacpp install)
+	$(PY) -m bench.suite --vllm-venv $(VLLM_VENV) --llamacpp-venv $(LLAMACPP_VENV) $(BENCH_ARGS)
+
+# Ours on llama.cpp against llama.cpp's own server (built once from the same source, by
+# bench/llama_server.sh), with ours on our engine beside them: about 12 minutes here.
+bench-llamacpp:
+	$(MAKE) bench BENCH_ARGS="--skip-vllm --skip-peer --skip-in-process --requests 16 \
+		--out bench-results/llamacpp $(BENCH_ARGS)"
 
 # A python:3.11-slim-like base image from Debian's packages (debootstrap), with the host's CA
 # certificates, for builds where Docker Hub cannot be reached. Needs root and a Docker engine.

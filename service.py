@@ -550,9 +550,12 @@ monolith_app = create_openai_app()
 
 @bentoml.asgi_app(monolith_app, path="/v1")
 @bentoml.service(
-    # Its engine's GPUs. (An API-only process, LLM_RUNNER_URL set, does not read runners/ to
-    # declare it; serving Monolith there, from a source tree, ignores the URL as before.)
-    resources={"gpu": 1 if settings.runner_url else DECLARED_ENGINE.gpus},
+    # Its engine's GPUs, none for llama.cpp (BentoML takes no `gpu: 0`). (An API-only
+    # process, LLM_RUNNER_URL set, does not read runners/ to declare it; serving Monolith
+    # there, from a source tree, ignores the URL as before.)
+    resources={"gpu": 1 if settings.runner_url else DECLARED_ENGINE.gpus}
+    if settings.runner_url or DECLARED_ENGINE.gpus
+    else {},
     workers=1,
     traffic={"timeout": settings.api_timeout + _TIMEOUT_MARGIN},
 )

@@ -25,7 +25,12 @@ def owners() -> list[tuple[str, type, str]]:
     from contract.settings import CommonSettings
     from glue.settings import BuildSettings
     from logic.settings import APISettings
-    from runners.settings import NativeEngineSettings, RunnerSettings, VLLMSettings
+    from runners.settings import (
+        LlamaCppSettings,
+        NativeEngineSettings,
+        RunnerSettings,
+        VLLMSettings,
+    )
 
     return [
         ("Both services", CommonSettings, "contract/settings.py"),
@@ -33,6 +38,7 @@ def owners() -> list[tuple[str, type, str]]:
         ("The runner (every engine)", RunnerSettings, "runners/settings.py"),
         ("Our engine (`LLM_ENGINE=native`)", NativeEngineSettings, "runners/settings.py"),
         ("vLLM (`LLM_ENGINE=vllm`)", VLLMSettings, "runners/settings.py"),
+        ("llama.cpp (`LLM_ENGINE=llamacpp`)", LlamaCppSettings, "runners/settings.py"),
         ("Building the Bentos (`bentoml build`)", BuildSettings, "glue/settings.py"),
     ]
 

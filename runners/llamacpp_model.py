@@ -115,7 +115,13 @@ class LlamaCppModel:
         flash_attention: bool = True,
     ):
         global _backend_ready
-        from llama_cpp import llama_cpp as lib  # the compiled library: this engine only
+        try:
+            from llama_cpp import llama_cpp as lib  # the compiled library: this engine only
+        except ImportError as exc:
+            raise RuntimeError(
+                "LLM_ENGINE=llamacpp needs llama-cpp-python, which is not installed here: "
+                "`make ENGINE=llamacpp install` builds it (deploy/llamacpp-wheel.sh)"
+            ) from exc
 
         self._lib = lib
         with _init_lock:

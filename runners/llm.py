@@ -77,7 +77,7 @@ def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> Genera
     batch, tokens = DEVICE_LIMITS["cpu"]
     return load_engine(
         model_path,
-        threads=llama.llamacpp_threads,
+        threads=llama.llamacpp_threads or native.torch_threads,  # serve-replicas splits cores
         max_batch_size=settings.max_batch_size or batch,
         max_batch_tokens=settings.max_batch_tokens or tokens,
         max_in_flight=settings.runner_max_in_flight,
@@ -119,7 +119,9 @@ def _native_engine(
     )
 
 
-_resources: dict[str, object] = {"gpu": DECLARED_ENGINE.gpus, "memory": settings.runner_memory}
+_resources: dict[str, object] = {"memory": settings.runner_memory}
+if DECLARED_ENGINE.gpus:  # none for llama.cpp (BentoML takes no `gpu: 0`)
+    _resources["gpu"] = DECLARED_ENGINE.gpus
 if settings.runner_gpu_type:
     _resources["gpu_type"] = settings.runner_gpu_type
 

@@ -216,8 +216,9 @@ class LlamaCppSettings(LLMSettings):
     llamacpp_threads: int | None = Field(
         None,
         ge=1,
-        description="llama.cpp: CPU threads for its kernels (default: every core this "
-        "process may use). Several runner processes on one host must split its cores.",
+        description="llama.cpp: CPU threads for its kernels (default: LLM_TORCH_THREADS when "
+        "set, else every core this process may use). Several runner processes on one host "
+        "must split its cores.",
     )
     llamacpp_kv_tokens: int | None = Field(
         None,
@@ -266,9 +267,10 @@ def resolve_engine(
     GPUs. The runner's process passes what torch sees, when it builds the engine.
 
     ``auto`` on a CPU is llama.cpp when it is installed and the store entry has a GGUF
-    (``has_gguf``, known to the runner's process): on the default model it serves 1.9x our
-    engine's throughput at a quarter of its memory (docs/benchmarks.md). ``LLM_ENGINE=llamacpp``
-    never asks for a GPU.
+    (``has_gguf``, known to the runner's process): on the default model, served on 2 cores,
+    it measured 1.2x our engine's throughput at 8 clients, a quarter of its 1-client
+    latency and a third of its runner's memory (docs/benchmarks.md#llamacpp).
+    ``LLM_ENGINE=llamacpp`` never asks for a GPU.
 
     Our engine's model path: ``LLM_NATIVE_BACKEND``; with ``LLM_ENGINE=native`` and no
     backend set, ``paged`` (it insists on the batched path); ``LLM_ENGINE=transformers`` is
