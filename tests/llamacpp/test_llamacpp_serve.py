@@ -197,18 +197,26 @@ def test_overload_is_a_429_model_at_capacity(llamacpp_split):
 # ---------------------------------------------------------------- topologies and faults
 
 
-def test_the_monolith_serves_the_same_answers_on_llamacpp(client):
-    """Prompts neither server has seen: on llama.cpp a greedy answer may change with the
-    shape of the steps that computed its prompt, and a prefix reused from the cells is such
-    a change (docs/engines.md), so both compute these whole, alone."""
-    with serve_llamacpp("Monolith") as monolith:
-        mono = _client(monolith.url)
-        for prompt in ("Name a famous bridge.", "What do bees make?", "Say hello in French."):
-            one = _ask(mono, prompt, temperature=0, max_tokens=32).choices[0].message.content
-            other = _ask(client, prompt, temperature=0, max_tokens=32).choices[0].message.content
-            assert one == other
-        metrics = scrape(monolith.url)
-        assert metrics[("llm_runner_engine_info", (("engine", "llamacpp"),))] == 1
+def test_the_monolith_serves_the_same_answers_on_llamacpp():
+    """One process or two, the same answers. Both start fresh and get the same prompts in the
+    same order: on llama.cpp a greedy answer may change with the shape of the steps that
+    computed its prompt, and the chat template's system prompt, reused from the cells after
+    the first request, is such a change (docs/engines.md). A split server that had answered
+    other prompts before (the shared one) computed that prefix in other steps, and a near-tie
+    may part (it did, on an AMD EPYC in CI)."""
+    prompts = ("Name a famous bridge.", "What do bees make?", "Say hello in French.")
+    answers = {}
+    for service in ("ChatAPI", "Monolith"):
+        with serve_llamacpp(service) as served:
+            client = _client(served.url)
+            answers[service] = [
+                _ask(client, p, temperature=0, max_tokens=32).choices[0].message.content
+                for p in prompts
+            ]
+            metrics = scrape(served.url)
+            assert metrics[("llm_runner_engine_info", (("engine", "llamacpp"),))] == 1
+    assert answers["Monolith"] == answers["ChatAPI"]
+    assert all(answers["Monolith"]), answers
 
 
 def test_the_remote_topology_runs_an_api_that_does_not_know_the_engine():
