@@ -51,9 +51,11 @@ def choose(logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # greedy rows' picks; sampled rows are overwritten
     # A row is broken by a NaN or +inf anywhere, or when nothing is allowed; -inf alone is
-    # how masks (structured outputs) rule tokens out.
-    finite = ~(torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
-    finite &= (logits > float("-inf")).any(dim=-1)
+    # how masks (structured outputs) rule tokens out. argmax picks a NaN wherever one is,
+    # else a +inf, else -inf only when all are: so the greedy pick's own logit tells all
+    # three, in one gather instead of three passes over the vocabulary (0.5 ms a step on a
+    # CPU thread, for a 49k vocabulary; tests/runner/test_sampling.py holds them equal).
+    finite = torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
         index = torch.tensor(sampled, device=dev)

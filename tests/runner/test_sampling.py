@@ -70,3 +70,23 @@ def test_a_row_of_non_finite_logits_is_flagged_and_the_others_are_not():
     out = choose(logits, [RowParams(generator=None), seeded(0), seeded(1)])
     assert [o.finite for o in out] == [True, False, True]
     assert out[0].token == 1 and out[2].token == 2
+
+
+def test_every_kind_of_broken_row_is_flagged_wherever_it_breaks():
+    """NaN or +inf at any place in a large vocabulary (not only at the row's maximum), and a
+    row that allows nothing, are flagged; a row masked down to one token is not."""
+    vocab = 49152
+    generator = torch.Generator().manual_seed(3)
+    for at in (0, 1, 777, vocab // 2, vocab - 1):
+        logits = torch.randn(6, vocab, generator=generator)
+        logits[0, at] = float("nan")
+        logits[1, at] = float("inf")
+        logits[2] = float("-inf")
+        logits[3, at], logits[3, (at + 5) % vocab] = float("nan"), float("inf")
+        logits[4] = float("-inf")
+        logits[4, at] = 0.5  # masked to one allowed token: fine
+        rows = [RowParams(generator=None), seeded(at), RowParams(generator=None), seeded(1),
+                RowParams(generator=None), seeded(2)]  # fmt: skip
+        out = choose(logits, rows)
+        assert [o.finite for o in out] == [False, False, False, False, True, True], at
+        assert out[4].token == at
