@@ -95,14 +95,18 @@ test-llamacpp:
 	$(MAKE) ENGINE=llamacpp model
 	$(LLAMACPP_VENV)/bin/python -m pytest -m llamacpp -p no:cacheprovider $(PYTEST_ARGS)
 
-# tests/containers: the three images built from this tree and run with a Docker engine (the
-# remote topology, the runner killed and restarted, the all-in-one image, compose on CPU); the
-# runner's images get the CPU torch. Skipped, saying why, without a reachable engine. Where
-# Docker Hub is out of reach: `make base-image`, then BASE_IMAGE=llm-bundle/python:3.11-debian.
-# About 6 minutes here the first time (the images' layers are cached after).
+# tests/containers: the images built from this tree and run with a Docker engine (the remote
+# topology, the runner killed and restarted, the all-in-one image, the runner on llama.cpp,
+# compose on CPU); the runner's images get the CPU torch, the llama.cpp one the wheel
+# deploy/llamacpp-wheel.sh built (it builds it first where none is kept). Skipped, saying why,
+# without a reachable engine. Where Docker Hub is out of reach: `make base-image`, then
+# BASE_IMAGE=llm-bundle/python:3.11-debian. About 6 minutes here the first time (the images'
+# layers are cached after).
 # wheels/ is emptied after, pass or fail: a wheel left there would be packed by later builds.
 test-containers: model
-	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory torch-wheel TORCH=cpu; fi
+	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory torch-wheel TORCH=cpu && \
+		wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$wheel" wheels/ && \
+		echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp; fi
 	status=0; LLM_TEST_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m containers -s \
 		-p no:cacheprovider $(PYTEST_ARGS) || status=$$?; rm -rf wheels; exit $$status
 
@@ -142,6 +146,13 @@ BENTO := $(if $(filter vllm,$(ENGINE)),llm-bundle-vllm,llm-bundle)
 BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.yaml)
 RUNNER_BENTO := $(if $(filter vllm,$(ENGINE)),$(BENTO),llm-bundle-runner)
 RUNNER_BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.runner.yaml)
+# ENGINE=llamacpp: the runner alone on llama.cpp, a CPU image (bentofile.llamacpp.yaml): the
+# CPU torch, and the llama-cpp-python wheel deploy/llamacpp-wheel.sh built, both from wheels/.
+ifeq ($(ENGINE),llamacpp)
+RUNNER_BENTO := llm-bundle-runner-llamacpp
+RUNNER_BENTOFILE := bentofile.llamacpp.yaml
+TORCH := cpu
+endif
 IMAGE ?= $(BENTO):latest
 RUNNER_IMAGE ?= $(RUNNER_BENTO):latest
 API_IMAGE ?= llm-bundle-api:latest
@@ -149,7 +160,7 @@ API_IMAGE ?= llm-bundle-api:latest
 export DOCKER_BUILDKIT ?= 0
 # LLM_RUNNER_URL emptied: one exported in the shell would make any Bento an API-only one.
 BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null) \
-	LLM_RUNNER_URL=
+	LLM_LLAMACPP_WHEEL=$$(cat wheels/.llamacpp 2>/dev/null) LLM_RUNNER_URL=
 
 # wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
 # PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
@@ -162,6 +173,10 @@ ifeq ($(TORCH),cpu)
 	@ls wheels/torch-*.whl > wheels/.torch
 else ifneq ($(TORCH),cuda)
 	$(error TORCH is cuda or cpu)
+endif
+ifeq ($(ENGINE),llamacpp)
+	wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$wheel" wheels/ && \
+		echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp
 endif
 
 build: model torch-wheel

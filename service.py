@@ -76,7 +76,7 @@ fix_request_timeout()
 # the API-only Bento does not even pack it. Otherwise the runner is declared here (runners/
 # imports no torch until it builds an engine), and Monolith can run its engine in-process.
 if not settings.runner_url:
-    from runners.llm import DECLARED_ENGINE, RUNNER_EXTRAS, LLMRunner
+    from runners.llm import DECLARED_ENGINE, RUNNER_EXTRAS, RUNNER_ON_LLAMACPP, LLMRunner
 # BentoML's own request timeout sits a little past ours (LLM_API_TIMEOUT, enforced in logic/),
 # so ours fires first: it stops the generation and answers with an OpenAI-shaped 504.
 _TIMEOUT_MARGIN = 10
@@ -437,6 +437,7 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
         build_settings(),
         extras=("api",) if settings.runner_url else ("api", *RUNNER_EXTRAS),
         with_runner=not settings.runner_url,
+        llamacpp=not settings.runner_url and RUNNER_ON_LLAMACPP,
     ),
 )
 class ChatAPI(NativeAPI):

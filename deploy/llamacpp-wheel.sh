@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The llama-cpp-python wheel for this CPU kind: built once (10-25 min on 2 cores), then kept
-# under $LLAMACPP_WHEELS; prints the wheel's path. `make llamacpp` installs it.
+# under $LLAMACPP_WHEELS; prints the wheel's path. `make ENGINE=llamacpp install` installs it.
 #
 # PyPI has the package's source only. A native build (-march=native) is not portable: a wheel
 # built on an AVX-512 Intel host dies with SIGILL on an AVX2 AMD one, and pip's own cache of

@@ -11,6 +11,10 @@ services: the base, no compilers, and the Python packages, from pyproject.toml's
 - ``LLM_TORCH_WHEEL``: a torch wheel under ``wheels/`` that images with the runner install
   instead of PyPI's torch (which is the CUDA build), e.g. the CPU build for CPU-only hosts.
   An API-only Bento (``LLM_RUNNER_URL`` set) has no torch at all.
+- ``LLM_LLAMACPP_WHEEL``: the llama-cpp-python wheel an image whose runner runs on llama.cpp
+  installs (it is built once per CPU kind by deploy/llamacpp-wheel.sh: PyPI has the source
+  only). Its libraries link the system's OpenMP runtime (``libgomp.so.1``), which slim bases
+  lack, so such an image installs Debian's ``libgomp1`` (a 300 kB package, no compilers).
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ def package_set(extras: Iterable[str], pyproject: Path = PYPROJECT) -> list[str]
     return list(chosen.values())
 
 
-def bento_image(settings: BuildSettings, *, extras: Iterable[str], with_runner: bool) -> Image:
+def bento_image(
+    settings: BuildSettings, *, extras: Iterable[str], with_runner: bool, llamacpp: bool = False
+) -> Image:
     """The image of a Bento whose root service is this one: pyproject's package sets
     ``extras`` (see :func:`package_set`); ``with_runner``: it runs the model, so it installs
-    ``LLM_TORCH_WHEEL`` when one is given."""
+    ``LLM_TORCH_WHEEL`` when one is given; ``llamacpp``: its runner runs on llama.cpp, so it
+    installs ``LLM_LLAMACPP_WHEEL`` (which it must be given) and the OpenMP runtime."""
     image = Image(
         base_image=settings.base_image, python_version=PYTHON_VERSION, distro=PREBUILT_DISTRO
     )
@@ -64,13 +71,30 @@ def bento_image(settings: BuildSettings, *, extras: Iterable[str], with_runner: 
     if packages:
         image.python_packages(*packages)
     if with_runner and settings.torch_wheel:
-        # A path inside the build context: the Bento packs it under src/wheels/, and BentoML
-        # installs it from there, so the image needs no index that has it.
-        wheel = settings.torch_wheel.removeprefix("./")
-        if not (wheel.startswith("wheels/") and wheel.endswith(".whl") and Path(wheel).is_file()):
+        how = "`make torch-wheel TORCH=cpu` puts the CPU build there"
+        image.python_packages(_project_wheel("LLM_TORCH_WHEEL", settings.torch_wheel, how))
+    if with_runner and llamacpp and PYPROJECT.is_file():  # (a built Bento's image is built)
+        if not settings.llamacpp_wheel:
             raise ValueError(
-                f"LLM_TORCH_WHEEL={settings.torch_wheel!r}: name a .whl file under wheels/ in the "
-                "project (`make torch-wheel TORCH=cpu` puts the CPU build there)"
+                "a runner on llama.cpp needs LLM_LLAMACPP_WHEEL, a llama-cpp-python wheel under "
+                "wheels/ (PyPI has its source only, and the image has no compilers): "
+                "`make build-runner ENGINE=llamacpp` puts the one it built there"
             )
-        image.python_packages(f"./{wheel}")
+        how = "`make build-runner ENGINE=llamacpp` puts it there"
+        image.python_packages(_project_wheel("LLM_LLAMACPP_WHEEL", settings.llamacpp_wheel, how))
+        image.run(
+            "apt-get update -q && apt-get install -y -q --no-install-recommends libgomp1 "
+            "&& rm -rf /var/lib/apt/lists/*"
+        )
     return image
+
+
+def _project_wheel(setting: str, path: str, how: str) -> str:
+    """A wheel inside the build context, as the image installs it: the Bento packs it under
+    src/wheels/, and BentoML installs it from there, so the image needs no index that has it."""
+    wheel = path.removeprefix("./")
+    if not (wheel.startswith("wheels/") and wheel.endswith(".whl") and Path(wheel).is_file()):
+        raise ValueError(
+            f"{setting}={path!r}: name a .whl file under wheels/ in the project ({how})"
+        )
+    return f"./{wheel}"

@@ -1,5 +1,5 @@
-"""What ``bentoml build`` reads besides the services' own settings: the image's base and an
-optional torch wheel (``LLM_<NAME>`` in the environment)."""
+"""What ``bentoml build`` reads besides the services' own settings: the image's base and the
+wheels it installs from the project (``LLM_<NAME>`` in the environment)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ class BuildSettings(LLMSettings):
         None,
         description="Build time: a torch wheel under wheels/ that the runner's image installs "
         "instead of PyPI's (CUDA) torch, e.g. the CPU build (`make build-runner TORCH=cpu`).",
+    )
+    llamacpp_wheel: str | None = Field(
+        None,
+        description="Build time: the llama-cpp-python wheel under wheels/ that the image of a "
+        "runner on llama.cpp installs (PyPI has its source only, and the images have no "
+        "compilers); `make build-runner ENGINE=llamacpp` puts the one deploy/llamacpp-wheel.sh "
+        "built there.",
     )
 
 

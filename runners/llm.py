@@ -53,6 +53,11 @@ DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
 # ENGINE=vllm`) or the Bento's argument engine=vllm (bentofile.vllm.yaml's `args`).
 _ASKED = {settings.engine, getattr(bentoml.use_arguments(), "engine", None)}
 RUNNER_EXTRAS = ("runner", "vllm") if "vllm" in _ASKED else ("runner",)
+# An image whose runner runs on llama.cpp is asked for by the Bento's argument engine=llamacpp
+# (bentofile.llamacpp.yaml's `args`): it installs the wheel deploy/llamacpp-wheel.sh built
+# (LLM_LLAMACPP_WHEEL), as PyPI has the source only. LLM_ENGINE=llamacpp alone is `make serve
+# ENGINE=llamacpp` from the tree, which builds no image.
+RUNNER_ON_LLAMACPP = getattr(bentoml.use_arguments(), "engine", None) == "llamacpp"
 
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:
@@ -130,9 +135,9 @@ if settings.runner_gpu_type:
     resources=_resources,
     workers=1,  # one process owns the device and schedules all requests on it
     traffic={"timeout": settings.runner_timeout, "concurrency": settings.runner_concurrency},
-    image=bento_image(
-        build_settings(), extras=RUNNER_EXTRAS, with_runner=True
-    ),  # a Bento of the runner alone
+    image=bento_image(  # a Bento of the runner alone
+        build_settings(), extras=RUNNER_EXTRAS, with_runner=True, llamacpp=RUNNER_ON_LLAMACPP
+    ),
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)

@@ -136,6 +136,17 @@ class Images:
         self.build("bentofile.runner.yaml", image, LLM_TORCH_WHEEL=self.torch_wheel)
         return image
 
+    def runner_llamacpp(self) -> str:
+        image = f"llm-bundle-runner-llamacpp:{TAG}"
+        listed = ROOT / "wheels" / ".llamacpp"
+        if not listed.is_file():
+            pytest.fail("no llama-cpp-python wheel in wheels/: run `make test-containers`")
+        self.build(
+            "bentofile.llamacpp.yaml", image, LLM_ENGINE="llamacpp",
+            LLM_TORCH_WHEEL=self.torch_wheel, LLM_LLAMACPP_WHEEL=listed.read_text().strip(),
+        )  # fmt: skip
+        return image
+
     def all_in_one(self) -> str:
         image = f"llm-bundle:{TAG}"
         self.build("bentofile.yaml", image, LLM_TORCH_WHEEL=self.torch_wheel)

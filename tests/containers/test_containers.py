@@ -181,6 +181,36 @@ def test_a_runner_container_stopped_with_docker_stop_finishes_the_answers_in_fli
 # ---------------------------------------------------------------- all-in-one
 
 
+def test_the_llamacpp_runner_image_serves_the_gguf_behind_the_api_image(images, run_container):
+    """The runner's image on llama.cpp (CPU torch, the wheel built here, Debian's libgomp1):
+    the GGUF of the store entry, answered through the unchanged API image, structured output
+    included."""
+    runner = run_container(
+        "llm-test-runner-llamacpp", images.runner_llamacpp(), alias="llm-runner-llamacpp"
+    )
+    FIGURES["llama.cpp runner container: docker run to /readyz (s)"] = round(runner.ready(), 1)
+    api = run_container(
+        "llm-test-api-llamacpp", images.api(),
+        env={"LLM_RUNNER_URL": "http://llm-runner-llamacpp:3000"},
+    )  # fmt: skip
+    api.ready("/readyz")
+    assert "Paris" in _ask(api.url) and "Paris" in _ask_streamed(api.url)
+    client = OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    answer = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )  # fmt: skip
+    assert isinstance(json.loads(answer.choices[0].message.content)["city"], str)
+    metrics = scrape(runner.url)
+    assert metrics[("llm_runner_engine_info", (("engine", "llamacpp"),))] == 1
+    found = docker(
+        "run", "--rm", "--entrypoint", "python", images.runner_llamacpp(), "-c",
+        "import llama_cpp, importlib.util as u; print(bool(u.find_spec('vllm')))",
+    )  # fmt: skip
+    assert found.stdout.strip() == "False"
+
+
 def test_the_all_in_one_image_serves_api_and_runner_in_one_container(images: Images, run_container):
     image = images.all_in_one()
     started = time.monotonic()

@@ -23,6 +23,7 @@ BENTOFILES = [
     "bentofile.api.yaml",
     "bentofile.runner.yaml",
     "bentofile.vllm.yaml",
+    "bentofile.llamacpp.yaml",
 ]
 # What only the runner imports: the API's Bento leaves them out (its image has no torch).
 RUNNER_ONLY = {"torch", "transformers", "safetensors", "xgrammar", "numpy"}

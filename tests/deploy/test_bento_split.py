@@ -151,6 +151,33 @@ def test_a_torch_wheel_goes_only_into_images_that_run_the_model(tmp_path, monkey
             bento_image(BuildSettings(torch_wheel=elsewhere), extras=[], with_runner=True)
 
 
+def test_a_llamacpp_image_installs_its_wheel_and_the_openmp_runtime(tmp_path, monkeypatch):
+    """An image whose runner runs on llama.cpp installs the wheel built here (PyPI has the
+    source only; the image has no compilers) and Debian's libgomp1, which the wheel links;
+    built from the tree without a wheel, it says how to get one; no other image changes."""
+    monkeypatch.chdir(tmp_path)  # the build context
+    wheel = Path("wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"")
+    runner = bento_image(
+        BuildSettings(llamacpp_wheel=str(wheel)), extras=["runner"], with_runner=True,
+        llamacpp=True,
+    )  # fmt: skip
+    assert f"./{wheel}" in runner.python_requirements
+    (command,) = runner.commands + runner.post_commands
+    assert "apt-get install" in command and "libgomp1" in command
+    assert "build-essential" not in command and runner.distro == PREBUILT_DISTRO
+    with pytest.raises(ValueError, match="LLM_LLAMACPP_WHEEL.*make build-runner ENGINE=llamacpp"):
+        bento_image(BuildSettings(), extras=["runner"], with_runner=True, llamacpp=True)
+    with pytest.raises(ValueError, match="LLM_LLAMACPP_WHEEL"):  # outside the build context
+        bento_image(BuildSettings(llamacpp_wheel=f"/opt/{wheel}"), extras=[], with_runner=True,
+                    llamacpp=True)  # fmt: skip
+    api = bento_image(
+        BuildSettings(llamacpp_wheel=str(wheel)), extras=["api"], with_runner=False, llamacpp=True
+    )
+    assert "llama" not in api.python_requirements and api.commands + api.post_commands == []
+
+
 # ---------------------------------------------------------------- the two, served
 
 
