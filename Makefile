@@ -159,8 +159,10 @@ API_IMAGE ?= llm-bundle-api:latest
 # BentoML turns BuildKit on unless told; Docker without buildx then fails with no message.
 export DOCKER_BUILDKIT ?= 0
 # LLM_RUNNER_URL emptied: one exported in the shell would make any Bento an API-only one.
+# TORCH=cpu: the lock reads the overrides the image's install reads (no triton; glue/image.py).
 BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null) \
-	LLM_LLAMACPP_WHEEL=$$(cat wheels/.llamacpp 2>/dev/null) LLM_RUNNER_URL=
+	LLM_LLAMACPP_WHEEL=$$(cat wheels/.llamacpp 2>/dev/null) LLM_RUNNER_URL= \
+	$(if $(filter cpu,$(TORCH)),UV_OVERRIDE=wheels/cpu-overrides.txt)
 
 # wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
 # PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
@@ -171,6 +173,7 @@ ifeq ($(TORCH),cpu)
 		$(PY) -m pip download -q --no-deps --only-binary=:all: -d wheels "$(TORCH_CPU_SPEC)" \
 			--extra-index-url $(TORCH_CPU_INDEX)
 	@ls wheels/torch-*.whl > wheels/.torch
+	@cp deploy/cpu-overrides.txt wheels/  # no triton beside the CPU torch (glue/image.py)
 else ifneq ($(TORCH),cuda)
 	$(error TORCH is cuda or cpu)
 endif

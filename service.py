@@ -40,7 +40,7 @@ from contract.settings import tokenizer_tag
 from contract.tokens import GenerationChunk, SamplingParams
 from glue.auth import MetricsGuard, bearer_matches
 from glue.bento import RUNNER_SERVICE, pin_bento_model, runner_mapping_url
-from glue.image import bento_image
+from glue.image import bento_image, image_envs
 from glue.logs import configure_worker_logging, incoming_request_id, request_id
 from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
@@ -431,7 +431,8 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
     labels={"model": settings.model},
     envs=[{"name": "LLM_MODEL", "value": settings.model}]
     # An API-only Bento's image points at the runner it was built for unless told otherwise.
-    + ([{"name": "LLM_RUNNER_URL", "value": settings.runner_url}] if settings.runner_url else []),
+    + ([{"name": "LLM_RUNNER_URL", "value": settings.runner_url}] if settings.runner_url else [])
+    + image_envs(build_settings(), with_runner=not settings.runner_url),
     # Its Bento's image: with the runner (and torch) unless the runner is elsewhere.
     image=bento_image(
         build_settings(),

@@ -11,6 +11,11 @@ services: the base, no compilers, and the Python packages, from pyproject.toml's
 - ``LLM_TORCH_WHEEL``: a torch wheel under ``wheels/`` that images with the runner install
   instead of PyPI's torch (which is the CUDA build), e.g. the CPU build for CPU-only hosts.
   An API-only Bento (``LLM_RUNNER_URL`` set) has no torch at all.
+- No triton beside a CPU torch: xgrammar requires it on Linux x86_64 (999 MB), but only its
+  CUDA kernel imports it. :func:`image_envs` gives such images ``UV_OVERRIDE``, the overrides
+  file deploy/cpu-overrides.txt (copied into wheels/ with the CPU wheel), which the image's
+  ``uv pip install`` reads: BentoML's Dockerfile resolves the lock's dependencies again there,
+  so leaving triton out of the lock alone would not keep it out of the image.
 - ``LLM_LLAMACPP_WHEEL``: the llama-cpp-python wheel an image whose runner runs on llama.cpp
   installs (it is built once per CPU kind by deploy/llamacpp-wheel.sh: PyPI has the source
   only). Its libraries link the system's OpenMP runtime (``libgomp.so.1``), which slim bases
@@ -87,6 +92,28 @@ def bento_image(
             "&& rm -rf /var/lib/apt/lists/*"
         )
     return image
+
+
+# Relative to the Bento's src/, the directory both the lock (`uv pip compile`, on the build
+# host) and the image's `uv --directory ./src pip install` run uv in.
+CPU_OVERRIDES = "wheels/cpu-overrides.txt"
+
+
+def image_envs(
+    settings: BuildSettings, *, with_runner: bool, pyproject: Path = PYPROJECT
+) -> list[dict[str, str]]:
+    """The envs an image needs while it installs its packages: where its runner has the CPU
+    build of torch, ``UV_OVERRIDE`` (no triton; see the module's docstring). None in a built
+    Bento (no pyproject.toml: its image is built)."""
+    cpu_torch = settings.torch_wheel and "+cpu" in Path(settings.torch_wheel).name
+    if not (with_runner and cpu_torch and pyproject.is_file()):
+        return []
+    if not (pyproject.parent / CPU_OVERRIDES).is_file():
+        raise ValueError(
+            f"LLM_TORCH_WHEEL is a CPU build, and {CPU_OVERRIDES} (the overrides that keep "
+            "triton out of its image) is missing: `make torch-wheel TORCH=cpu` puts both there"
+        )
+    return [{"name": "UV_OVERRIDE", "value": CPU_OVERRIDES}]
 
 
 def _project_wheel(setting: str, path: str, how: str) -> str:

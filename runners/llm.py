@@ -23,7 +23,7 @@ from contract.tokens import SamplingParams, StructuredOutput
 from glue import logs
 from glue.auth import MetricsGuard
 from glue.bento import pin_bento_model
-from glue.image import bento_image
+from glue.image import bento_image, image_envs
 from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
 from runners.metrics import engine_metrics
@@ -138,6 +138,7 @@ if settings.runner_gpu_type:
     image=bento_image(  # a Bento of the runner alone
         build_settings(), extras=RUNNER_EXTRAS, with_runner=True, llamacpp=RUNNER_ON_LLAMACPP
     ),
+    envs=image_envs(build_settings(), with_runner=True),
 )
 class LLMRunner:
     model = bentoml.models.BentoModel(settings.model)

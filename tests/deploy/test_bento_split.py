@@ -14,12 +14,13 @@ import bentoml
 import httpx
 import openai
 import pytest
+from packaging.requirements import Requirement
 
 from contract.settings import TOKENIZER_SUFFIX
-from glue.image import PREBUILT_DISTRO, bento_image
+from glue.image import CPU_OVERRIDES, PREBUILT_DISTRO, bento_image, image_envs
 from glue.settings import BuildSettings
 from tests.deploy.conftest import BUILD_ENV, BuiltBento, build_bento
-from tests.served import START_HTTP_SERVER, ServedProcess, free_port
+from tests.served import ROOT, START_HTTP_SERVER, ServedProcess, free_port
 
 RUNNER_URL = "http://llm-runner:3000"
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -176,6 +177,27 @@ def test_a_llamacpp_image_installs_its_wheel_and_the_openmp_runtime(tmp_path, mo
         BuildSettings(llamacpp_wheel=str(wheel)), extras=["api"], with_runner=False, llamacpp=True
     )
     assert "llama" not in api.python_requirements and api.commands + api.post_commands == []
+
+
+def test_an_image_with_the_cpu_torch_installs_no_triton(tmp_path):
+    """A runner's image with the CPU build of torch reads the overrides that leave triton out
+    (xgrammar's CUDA-only dependency, 999 MB) while it installs; no other image does."""
+    (tmp_path / "pyproject.toml").write_text("")
+    cpu = BuildSettings(torch_wheel="wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+    with pytest.raises(ValueError, match="make torch-wheel TORCH=cpu"):
+        image_envs(cpu, with_runner=True, pyproject=tmp_path / "pyproject.toml")
+    overrides = tmp_path / CPU_OVERRIDES
+    overrides.parent.mkdir()
+    overrides.write_text((ROOT / "deploy" / "cpu-overrides.txt").read_text())
+    envs = image_envs(cpu, with_runner=True, pyproject=tmp_path / "pyproject.toml")
+    assert envs == [{"name": "UV_OVERRIDE", "value": CPU_OVERRIDES}]
+    (line,) = [x for x in overrides.read_text().splitlines() if x and not x.startswith("#")]
+    requirement = Requirement(line)
+    assert requirement.name == "triton" and not requirement.marker.evaluate()
+    cuda = BuildSettings(torch_wheel="wheels/torch-2.13.0-cp311-cp311-linux_x86_64.whl")
+    for settings, with_runner in ((cuda, True), (BuildSettings(), True), (cpu, False)):
+        found = image_envs(settings, with_runner=with_runner, pyproject=tmp_path / "pyproject.toml")
+        assert found == []
 
 
 # ---------------------------------------------------------------- the two, served
