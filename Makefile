@@ -105,8 +105,7 @@ test-llamacpp:
 # wheels/ is emptied after, pass or fail: a wheel left there would be packed by later builds.
 test-containers: model
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory torch-wheel TORCH=cpu && \
-		wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$wheel" wheels/ && \
-		echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp; fi
+		$(LLAMACPP_WHEEL_TO_WHEELS); fi
 	status=0; LLM_TEST_BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m containers -s \
 		-p no:cacheprovider $(PYTEST_ARGS) || status=$$?; rm -rf wheels; exit $$status
 
@@ -164,6 +163,11 @@ BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>
 	LLM_LLAMACPP_WHEEL=$$(cat wheels/.llamacpp 2>/dev/null) LLM_RUNNER_URL= \
 	$(if $(filter cpu,$(TORCH)),UV_OVERRIDE=wheels/cpu-overrides.txt)
 
+# The llama-cpp-python wheel deploy/llamacpp-wheel.sh built (building it where none is kept),
+# into wheels/ and named in wheels/.llamacpp (LLM_LLAMACPP_WHEEL in BUILD_ENV).
+LLAMACPP_WHEEL_TO_WHEELS = wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$wheel" wheels/ && \
+	echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp
+
 # wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
 # PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
 torch-wheel:
@@ -178,8 +182,7 @@ else ifneq ($(TORCH),cuda)
 	$(error TORCH is cuda or cpu)
 endif
 ifeq ($(ENGINE),llamacpp)
-	wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$wheel" wheels/ && \
-		echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp
+	$(LLAMACPP_WHEEL_TO_WHEELS)
 endif
 
 build: model torch-wheel

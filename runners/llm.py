@@ -51,13 +51,14 @@ DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
 # pyproject's package sets an image running the runner installs: vLLM only when asked for by
 # name, never because the build host happens to have it: LLM_ENGINE=vllm (`make build
 # ENGINE=vllm`) or the Bento's argument engine=vllm (bentofile.vllm.yaml's `args`).
-_ASKED = {settings.engine, getattr(bentoml.use_arguments(), "engine", None)}
+_ARG_ENGINE = getattr(bentoml.use_arguments(), "engine", None)
+_ASKED = {settings.engine, _ARG_ENGINE}
 RUNNER_EXTRAS = ("runner", "vllm") if "vllm" in _ASKED else ("runner",)
 # An image whose runner runs on llama.cpp is asked for by the Bento's argument engine=llamacpp
 # (bentofile.llamacpp.yaml's `args`): it installs the wheel deploy/llamacpp-wheel.sh built
 # (LLM_LLAMACPP_WHEEL), as PyPI has the source only. LLM_ENGINE=llamacpp alone is `make serve
 # ENGINE=llamacpp` from the tree, which builds no image.
-RUNNER_ON_LLAMACPP = getattr(bentoml.use_arguments(), "engine", None) == "llamacpp"
+RUNNER_ON_LLAMACPP = _ARG_ENGINE == "llamacpp"
 
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:

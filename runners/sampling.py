@@ -54,7 +54,7 @@ def choose(logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
     # how masks (structured outputs) rule tokens out. argmax picks a NaN wherever one is,
     # else a +inf, else -inf only when all are: so the greedy pick's own logit tells all
     # three, in one gather instead of three passes over the vocabulary (0.5 ms a step on a
-    # CPU thread, for a 49k vocabulary; tests/runner/test_sampling.py holds them equal).
+    # CPU thread, for a 49k vocabulary; tests/runner/test_sampling.py checks each case).
     finite = torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
