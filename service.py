@@ -43,6 +43,7 @@ from glue.bento import RUNNER_SERVICE, pin_bento_model, runner_mapping_url
 from glue.image import bento_image, image_envs
 from glue.logs import configure_worker_logging, incoming_request_id, request_id
 from glue.request_timeout import fix_request_timeout
+from glue.tracing import quiet_stream_spans
 from glue.settings import build_settings
 from logic import metrics
 from logic.chat import CompletionService, TokenGenerator
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 # Inside a built Bento, the model version it recorded (glue/bento.py).
 settings = pin_bento_model(get_settings())
 fix_request_timeout()
+quiet_stream_spans()
 # An API-only process (LLM_RUNNER_URL) has no runner in its graph and never imports runners/:
 # the API-only Bento does not even pack it. Otherwise the runner is declared here (runners/
 # imports no torch until it builds an engine), and Monolith can run its engine in-process.
