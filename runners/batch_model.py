@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from runners.work import BatchModel, Work
 
 logger = logging.getLogger(__name__)
 
@@ -45,34 +46,6 @@ _TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 _LAZY_POOL_BYTES = 64 << 20
 NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _UNSUPPORTED_ROPE = frozenset({"dynamic", "longrope"})  # inv_freq changes with length
-
-
-@dataclass(frozen=True)
-class Work:
-    """One sequence's share of a step."""
-
-    slot: int  # the sequence's batch slot (SequentialHF keys its caches by it)
-    token_ids: list[int]
-    position: int  # cache position of token_ids[0]; tokens before it are cached already
-    want_logits: bool = True  # False for a prefill chunk that does not end the prompt
-    blocks: tuple[int, ...] = ()  # the block table: KV blocks for positions 0, bs, 2 bs, ...
-
-
-class BatchModel(Protocol):
-    max_slots: int
-    context_length: int
-    vocab_size: int
-    paged: bool  # whether forward reads Work.blocks (and so can share prefix blocks)
-
-    def forward(self, work: list[Work]) -> torch.Tensor:
-        """Logits ``[n, vocab]`` for the items with ``want_logits``, in order."""
-        ...
-
-    def release(self, slot: int) -> None: ...
-
-    def kv_bytes_per_token(self) -> int:
-        """KV memory one token position takes, all layers."""
-        ...
 
 
 def native_support(config: Any) -> str | None:

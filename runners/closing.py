@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import xgrammar as xgr
 
 from contract.tokens import GenerationChunk, TokenLogprob
 from runners.settings import ClosingOptions
+from runners.xgr import allocate_bitmask, allowed
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ClosingSearch:
         self._never = np.zeros(self._vocab_size, dtype=bool)
         self._never[list(i for i in never if i < self._vocab_size)] = True
 
-    def way(self, matcher: xgr.GrammarMatcher, limit: int) -> list[int] | None:
+    def way(self, matcher: Any, limit: int) -> list[int] | None:
         """Tokens that take ``matcher`` (changed: pass a fork) to the grammar's end, at most
         ``limit`` of them; None when no way that short was found."""
         path: list[int] = []
@@ -123,11 +123,11 @@ class ClosingSearch:
                     break
             else:
                 if bitmask is None:
-                    bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
+                    bitmask = allocate_bitmask(1, self._vocab_size)
                 matcher.fill_next_token_bitmask(bitmask)
-                allowed = _allowed(bitmask, self._vocab_size) & ~self._never
+                ok = allowed(bitmask[0], self._vocab_size) & ~self._never
                 order = self._text_order if in_text else self._order
-                ranked = order[allowed[order]]
+                ranked = order[ok[order]]
                 if not len(ranked) or not matcher.accept_token(int(ranked[0])):
                     return None
                 path.append(int(ranked[0]))
@@ -147,13 +147,6 @@ class ClosingSearch:
             else:
                 break
         return out
-
-
-def _allowed(bitmask: Any, vocab_size: int) -> np.ndarray:
-    """The bitmask (xgrammar's packed int32 words) as one bool per token."""
-    words = bitmask.numpy().reshape(-1).view(np.uint32)
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-    return bits[:vocab_size].astype(bool)
 
 
 class Repeats:
@@ -200,7 +193,7 @@ class Guard:
 
     def __init__(
         self,
-        matcher: xgr.GrammarMatcher,
+        matcher: Any,
         search: ClosingSearch,
         *,
         budget: int,

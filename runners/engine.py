@@ -1,6 +1,8 @@
 """The generation engine: continuous (iteration-level) batching over one model.
 
-This and :mod:`runners.batch_model` are the only modules that import torch at serve time.
+It imports no torch itself: the model (:mod:`runners.batch_model`, or llama.cpp) and the
+sampler (:mod:`runners.sampling` for torch tensors, :mod:`runners.host_sampling` for numpy
+arrays) bring their own, so a llama.cpp runner never loads torch.
 The engine speaks token ids only: prompt ids and :class:`SamplingParams` in, a stream of
 :class:`GenerationChunk` s out.
 
@@ -30,17 +32,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM
+from typing import TYPE_CHECKING, Any
 
 from contract.engine import GREEDY_BELOW, EngineStats, Series, check_prompt
 from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
 from contract.tokens import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
-from runners.batch_model import BatchModel, Work, build_batch_model, kv_bytes_per_token
 from runners.kv_blocks import Allocation, BlockPool, chain_hashes
-from runners.sampling import RowParams, choose
 from runners.settings import (
     DEFAULT_CPU_KV_GIB,
     DEVICE_LIMITS,
@@ -48,14 +45,13 @@ from runners.settings import (
     NativeEngineSettings,
     RunnerSettings,
 )
+from runners.work import BatchModel, RowParams, Sampler, Work
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 GIB = 1 << 30
 # Our engine's defaults: the settings class states them once (what load() is not given).
 _DEFAULTS = NativeEngineSettings.model_construct()
@@ -71,6 +67,8 @@ def kv_budget_bytes(
     if gib:
         return int(gib * GIB)
     if device.type == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * (fraction or _DEFAULTS.kv_cache_fraction))
     else:
@@ -87,6 +85,8 @@ def kv_bytes_useful(per_token: int, batch: int, context: int) -> int:
 
 def resolve_device(setting: str = "auto") -> torch.device:
     """``auto`` is cuda when a GPU is visible, else cpu."""
+    import torch
+
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(setting)
@@ -94,9 +94,11 @@ def resolve_device(setting: str = "auto") -> torch.device:
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     """``auto`` is bfloat16 on cuda (half the memory traffic per decode step), float32 on cpu."""
+    import torch
+
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[setting]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
 
 
 def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
@@ -110,7 +112,7 @@ class _Request:
 
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: Any  # the sampler's random generator; None: greedy
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     stop_ids: frozenset[int] = frozenset()
@@ -126,7 +128,7 @@ class _Request:
     produced: int = 0
     # Presence and frequency penalties, kept as the bias they add to the logits ([vocab],
     # allocated at the first generated token); None for a request without penalties.
-    penalty: torch.Tensor | None = None
+    penalty: Any = None
     seen: set[int] = field(default_factory=set)  # generated token ids, for the presence term
     cancelled: bool = False  # set by the consumer, from its event loop's thread
     finished: bool = False
@@ -139,7 +141,7 @@ class _Request:
     def penalized(self) -> bool:
         return bool(self.params.presence_penalty or self.params.frequency_penalty)
 
-    def penalize(self, token: int, vocab_size: int, device: torch.device) -> None:
+    def penalize(self, token: int, vocab_size: int, sampler: Sampler) -> None:
         """Add a generated ``token`` to the penalty bias: ``-(presence * [count > 0] +
         frequency * count)`` for each token, updated by one element per step."""
         params = self.params
@@ -149,7 +151,7 @@ class _Request:
             delta += params.presence_penalty
         if delta:
             if self.penalty is None:
-                self.penalty = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+                self.penalty = sampler.zeros(vocab_size)
             self.penalty[token] -= delta
 
     def deliver(self, item: GenerationChunk | BaseException) -> None:
@@ -173,8 +175,9 @@ class GenerationEngine:
     def __init__(
         self,
         build: Callable[[], BatchModel],
-        device: torch.device,
+        device: Any = None,
         *,
+        sampler: Sampler | None = None,
         max_batch_size: int,
         max_batch_tokens: int,
         max_in_flight: int | None = None,
@@ -192,7 +195,15 @@ class GenerationEngine:
         which measured 40% slower per decode step here (85 ms against 60 ms at batch 8).
         """
         self.name = name  # "native", or "llamacpp" over runners.llamacpp_model
+        if sampler is None:  # torch logits on ``device`` (our native models)
+            import torch
+
+            from runners.sampling import TorchSampler
+
+            device = device or torch.device("cpu")
+            sampler = TorchSampler(device)
         self.device = device
+        self.sampler = sampler
         self.stats = EngineStats()
         self._max_in_flight = max_in_flight
         self._prefix_caching = prefix_caching
@@ -221,7 +232,7 @@ class GenerationEngine:
 
     def _main(self, build: Callable[[], BatchModel], max_batch_size: int, tokens: int) -> None:
         try:
-            with torch.inference_mode():
+            with self.sampler.session():
                 self.batch_model = build()
                 self._warm_up()
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
@@ -273,6 +284,11 @@ class GenerationEngine:
         """Our engine on a model directory; each option is the setting of the same name
         (:class:`runners.settings.NativeEngineSettings`, ``RunnerSettings``), defaults
         included."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from runners.batch_model import build_batch_model, kv_bytes_per_token
+
         if threads:
             torch.set_num_threads(threads)
         if device == "simulated":  # a GPU's timing, without a GPU (runners.simulated)
@@ -344,6 +360,8 @@ class GenerationEngine:
         answer_tokens: int,
     ) -> GenerationEngine:
         """The engine on the SIMULATED accelerator, with a GPU's default limits."""
+        import torch
+
         from runners.simulated import build_simulated
 
         batch, tokens = DEVICE_LIMITS["cuda"]
@@ -395,11 +413,7 @@ class GenerationEngine:
     def _make_request(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
         generator = None
         if params.temperature >= GREEDY_BELOW:
-            generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+            generator = self.sampler.generator(params.seed)
         return _Request(
             prompt_ids=list(prompt_ids),
             params=params,
@@ -555,7 +569,7 @@ class GenerationEngine:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
+            with self.sampler.session():
                 while self._iterate():
                     pass
         except BaseException:  # noqa: BLE001 - a scheduler bug must not leave streams hanging
@@ -698,12 +712,12 @@ class GenerationEngine:
         self._running.append(request)
         return True
 
-    def _advance(self, members: list[_Request], work: list[Work], logits: torch.Tensor) -> None:
+    def _advance(self, members: list[_Request], work: list[Work], logits: Any) -> None:
         """Account for the step, then choose and emit a token for each row of ``logits``:
         penalties, sampling and log-probabilities for all rows at once on the device, and one
-        read-back (:func:`runners.sampling.choose`).
+        read-back (the engine's :class:`runners.work.Sampler`).
 
-        ``logits`` is this step's own tensor: penalties are added to its rows in place.
+        ``logits`` is this step's own tensor or array: penalties and masks change it in place.
         """
         stats = self.stats
         stats.steps += 1
@@ -732,20 +746,15 @@ class GenerationEngine:
                 return
             logits = self.batch_model.full_logits()  # what the rows' extras work on
         penalized = [i for i, request in enumerate(rows) if request.penalty is not None]
+        sampler = self.sampler
         if penalized:
-            logits.index_add_(
-                0,
-                torch.tensor(penalized, device=logits.device),
-                torch.stack([rows[i].penalty for i in penalized]),
-            )
+            sampler.add_rows(logits, penalized, [rows[i].penalty for i in penalized])
         constrained = {
             i: request.matcher for i, request in enumerate(rows) if request.matcher is not None
         }
         if constrained:
-            from runners.grammar import mask_logits
-
-            mask_logits(logits, constrained)
-        chosen = choose(logits, [
+            sampler.mask(logits, constrained)
+        chosen = sampler.choose(logits, [
             RowParams(
                 generator=request.generator,
                 temperature=request.params.temperature,
@@ -779,7 +788,7 @@ class GenerationEngine:
                 self._close_answer(request, pick.token if verdict.keep else None, logprob, verdict)
                 continue
             if request.penalized:
-                request.penalize(pick.token, logits.shape[-1], logits.device)
+                request.penalize(pick.token, logits.shape[-1], sampler)
             # A grammar that ended (on its tokenizer's EOS, when the request named no stop
             # ids) ends the request as a stop token would.
             done = request.matcher is not None and request.matcher.done

@@ -11,7 +11,9 @@ not name): a small model given room to wander inside a valid prefix does, until 
 budget runs out.
 
 xgrammar is the grammar engine vLLM uses too; we do not write our own. Compiling runs on a
-worker thread, bounded in time; a schema it cannot compile is the client's 400.
+worker thread, bounded in time; a schema it cannot compile is the client's 400. Nothing here
+imports torch (:mod:`runners.xgr`): the masks are applied by the engine's sampler, to torch
+tensors (:mod:`runners.sampling`) or numpy arrays (:mod:`runners.host_sampling`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import concurrent.futures
 import re
 import threading
 from pathlib import Path
-
-import torch
-import xgrammar as xgr
+from typing import Any
 
 from contract.errors import EngineRequestError
 from contract.tokens import StructuredOutput
+from runners import xgr
 from runners.closing import ClosingOptions, ClosingSearch, Guard
 
 # How long a schema may take to compile before the request is refused; xgrammar compiles
@@ -55,9 +56,11 @@ class Grammars:
     def _get_compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                from transformers import AutoTokenizer
+                # The tokenizer.json as transformers reads it, not through AutoTokenizer:
+                # its lookup of the model's class imports torch wherever torch is installed.
+                from transformers import PreTrainedTokenizerFast
 
-                tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(self._tokenizer_dir)
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self._vocab_size)
                 # Tokens a compact JSON answer never holds, which xgrammar 0.2.8 would allow:
                 # special tokens (read as their literal text, so "<|im_start|>" could sit in a
@@ -76,7 +79,7 @@ class Grammars:
                 )
             return self._compiler
 
-    def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
+    def compile(self, spec: StructuredOutput) -> Any:
         """The grammar for ``spec`` (blocking; cached by the schema's or the tag's text)."""
         if spec.kind == "structural_tag":
             return self._get_compiler().compile_structural_tag(spec.structural_tag or "")
@@ -105,7 +108,7 @@ class Grammars:
                 f"The {what} cannot be used for constrained decoding: {reason}",
                 param=spec.param,
             ) from None
-        matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
+        matcher = xgr.new_matcher(compiled, override_stop_tokens=list(stop_ids) or None)
         ends = set(matcher.stop_token_ids)  # the request's stop ids, else the tokenizer's EOS
         return Constraint(matcher, [i for i in self.special_ids if i not in ends])
 
@@ -130,28 +133,20 @@ class Grammars:
 class Constraint:
     """One request's grammar state, and the special tokens it may never produce."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, never: list[int]):
+    def __init__(self, matcher: Any, never: list[int]):
         self.matcher = matcher
         self.never = never
 
     def accept(self, token: int) -> bool:
         return self.matcher.accept_token(token)
 
+    def fill(self, bitmask: Any, row: int) -> None:
+        """Write the tokens allowed next into ``bitmask[row]``
+        (:func:`runners.xgr.allocate_bitmask`); the special tokens in :attr:`never` are the
+        sampler's to rule out."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
     @property
     def done(self) -> bool:
         """The answer is complete (a stop token was accepted after the whole value)."""
         return self.matcher.is_terminated()
-
-
-def mask_logits(logits: torch.Tensor, constraints: dict[int, Constraint]) -> None:
-    """Disallow, in place, every token that would take row ``i`` out of its grammar."""
-    if not constraints:
-        return
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    for row, constraint in constraints.items():
-        constraint.matcher.fill_next_token_bitmask(bitmask, row)
-    rows = sorted(constraints)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
-    for row, constraint in constraints.items():
-        if constraint.never:
-            logits[row, constraint.never] = float("-inf")

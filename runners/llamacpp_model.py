@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from runners.batch_model import Work
+from runners.work import Work
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class LlamaCppModel:
     def cache_bytes(self) -> int:
         return self.num_blocks * self.block_size * self._per_token
 
-    def forward(self, work: list[Work]) -> torch.Tensor:
+    def forward(self, work: list[Work]) -> np.ndarray:
         n = sum(len(w.token_ids) for w in work)
         if n > self._batch.capacity:
             raise ValueError(f"a step of {n} tokens exceeds the batch of {self._batch.capacity}")
@@ -211,10 +210,10 @@ class LlamaCppModel:
             self._held[w.slot] += w.token_ids
         outputs = int(b.logits[:n].sum())
         if outputs == 0:
-            return torch.empty(0, self.vocab_size)
+            return np.empty((0, self.vocab_size), dtype=np.float32)
         pointer = self._lib.llama_get_logits(self._ctx)
         logits = np.ctypeslib.as_array(pointer, shape=(outputs, self.vocab_size))
-        return torch.from_numpy(logits.copy())  # llama.cpp reuses its buffer next step
+        return logits.copy()  # llama.cpp reuses its buffer next step
 
     def release(self, slot: int) -> None:
         """The sequence is done: its KV stays, for a later prompt that starts the same way,
@@ -304,6 +303,7 @@ def load_engine(
 ):
     """Our engine over llama.cpp on the GGUF of a store entry (``LLM_ENGINE=llamacpp``)."""
     from runners.engine import GenerationEngine
+    from runners.host_sampling import NumpySampler
 
     gguf = find_gguf(model_dir)
     if gguf is None:
@@ -312,9 +312,6 @@ def load_engine(
             "(`python -m runners.import_model --source FILE.gguf`; `make model` for the "
             "default model), or serve it with LLM_ENGINE=native"
         )
-    # The engine samples with torch on its own thread: one torch thread, so torch's OpenMP
-    # team does not spin against llama.cpp's on the same cores.
-    torch.set_num_threads(1)
 
     def build() -> LlamaCppModel:
         return LlamaCppModel(
@@ -324,7 +321,7 @@ def load_engine(
 
     engine = GenerationEngine(
         build,
-        torch.device("cpu"),
+        sampler=NumpySampler(),  # numpy on llama.cpp's logits: this process never loads torch
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_in_flight=max_in_flight,

@@ -26,6 +26,7 @@ from glue.bento import pin_bento_model
 from glue.image import bento_image, image_envs
 from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
+from glue.tracing import quiet_stream_spans
 from runners.metrics import engine_metrics
 from runners.settings import (
     DEVICE_LIMITS,
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 settings = pin_bento_model(runner_settings())
 fix_request_timeout()  # the runner served alone (its Bento) never imports service.py
+quiet_stream_spans()
 # The engine as declared (no torch here: the API's processes import this module): what the
 # runner's resources are derived from. The runner's process resolves it again, with CUDA.
 DECLARED_ENGINE = resolve_engine(settings, native_settings(), vllm_settings())
@@ -65,7 +67,11 @@ def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -
     """The one place an engine is chosen and built, on a store entry's files."""
     has_gguf = any(Path(model_path).glob("*.gguf"))
     choice = resolve_engine(
-        settings, native_settings(), vllm_settings(), cuda_visible=_cuda(), has_gguf=has_gguf
+        settings,
+        native_settings(),
+        vllm_settings(),
+        cuda_visible=_cuda(settings),
+        has_gguf=has_gguf,
     )
     if choice.engine == "vllm":
         from runners.vllm_engine import VLLMEngine
@@ -77,7 +83,7 @@ def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -
 
 
 def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> GenerationEngine:
-    from runners.llamacpp_model import load_engine  # llama.cpp (and torch) from here on
+    from runners.llamacpp_model import load_engine  # llama.cpp from here on (never torch)
 
     native, llama = native_settings(), llamacpp_settings()
     batch, tokens = DEVICE_LIMITS["cpu"]
@@ -94,9 +100,19 @@ def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> Genera
     )
 
 
-def _cuda() -> bool:
-    import torch  # the runner's process only
-
+def _cuda(settings: RunnerSettings = settings) -> bool:
+    """Whether torch sees a CUDA (or ROCm) GPU, asked only where the answer can matter:
+    without importing torch for a runner on llama.cpp (215 MiB it would keep), nor on a host
+    with no GPU driver's device node, nor where torch is not installed (the llama.cpp image)."""
+    if settings.engine == "llamacpp":
+        return False
+    # NVIDIA's driver (also in containers given a GPU), ROCm's, WSL2's.
+    if not any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return False
+    try:
+        import torch  # the runner's process only
+    except ImportError:
+        return False
     return torch.cuda.is_available()
 
 

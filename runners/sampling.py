@@ -10,37 +10,23 @@ Sampling is the *exponential race*: with ``E_i ~ Exp(1)`` drawn independently pe
 draw would, but as one batched ``argmax``. Each seeded request draws its noise from its own
 generator, the same amount every step, so its answer is the same whatever else is in the
 batch.
+
+:class:`TorchSampler` is the engine's :class:`runners.work.Sampler` for torch logits (our
+native engine, on any device); :mod:`runners.host_sampling` is the same for numpy arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from typing import Any
 
 import torch
 
+from runners.work import Chosen, RowParams
+from runners.xgr import allocate_bitmask
+
 # Exp(1) noise this small turns p / E into an overflow for p > 0 and 0 / 0 for p = 0.
 _TINY_NOISE = 1e-20
-
-
-@dataclass(frozen=True)
-class RowParams:
-    """How one row chooses its token."""
-
-    generator: torch.Generator | None  # None: greedy
-    temperature: float = 1.0
-    top_p: float = 1.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclass
-class Chosen:
-    """What the host reads back for one row."""
-
-    token: int
-    finite: bool  # False when the row's logits held NaN or +inf, or allowed nothing
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
 
 
 def choose(logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
@@ -105,3 +91,44 @@ def _logprob_table(
     chosen = logp.gather(1, tokens[index].unsqueeze(1))
     values, ids = torch.topk(logp, k, dim=-1)  # sorted, best first; k may be 0
     return torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
+
+
+class TorchSampler:
+    """The engine's sampler for torch logits on ``device``: penalties, grammar masks and
+    :func:`choose`, all on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def zeros(self, vocab_size: int) -> torch.Tensor:
+        return torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+
+    def add_rows(self, logits: torch.Tensor, rows: list[int], biases: list[Any]) -> None:
+        logits.index_add_(0, torch.tensor(rows, device=logits.device), torch.stack(biases))
+
+    def mask(self, logits: torch.Tensor, constraints: dict[int, Any]) -> None:
+        import xgrammar  # torch is loaded: the whole package, with its mask kernels
+
+        bitmask = allocate_bitmask(logits.shape[0], logits.shape[1])
+        for row, constraint in constraints.items():
+            constraint.fill(bitmask, row)
+        xgrammar.apply_token_bitmask_inplace(
+            logits, torch.from_numpy(bitmask).to(logits.device), indices=sorted(constraints)
+        )
+        for row, constraint in constraints.items():
+            if constraint.never:
+                logits[row, constraint.never] = float("-inf")
+
+    def choose(self, logits: torch.Tensor, rows: list[RowParams]) -> list[Chosen]:
+        return choose(logits, rows)
+
+    def session(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.inference_mode()

@@ -146,6 +146,21 @@ def test_structured_outputs_and_tool_calls_stay_constrained(client):
     tools.test_streamed_calls_reassemble_to_the_whole_answer(client)
 
 
+def test_the_runner_on_llamacpp_never_loads_torch(llamacpp_split, client):
+    """Sampling, penalties, logprobs and a grammar, each served, and the runner's process has
+    mapped xgrammar's library and llama.cpp's, never torch's (215 MiB it would keep)."""
+    answer = _ask(
+        client, PROMPTS[2], max_tokens=16, temperature=0.9, seed=3, top_p=0.9,
+        presence_penalty=0.5, frequency_penalty=0.5, logprobs=True, top_logprobs=2,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert answer.choices[0].logprobs.content[0].top_logprobs
+    runner = runner_process(llamacpp_split)
+    maps = open(f"/proc/{runner.pid}/maps").read()
+    assert "libllama" in maps and "libxgrammar_bindings" in maps
+    assert "libtorch" not in maps and "/torch/" not in maps
+
+
 # ---------------------------------------------------------------- cancellation and limits
 
 
