@@ -43,8 +43,8 @@ from glue.bento import RUNNER_SERVICE, pin_bento_model, runner_mapping_url
 from glue.image import bento_image, image_envs
 from glue.logs import configure_worker_logging, incoming_request_id, request_id
 from glue.request_timeout import fix_request_timeout
-from glue.tracing import quiet_stream_spans
 from glue.settings import build_settings
+from glue.tracing import quiet_stream_spans
 from logic import metrics
 from logic.chat import CompletionService, TokenGenerator
 from logic.errors import (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -156,7 +157,7 @@ def test_the_runner_on_llamacpp_never_loads_torch(llamacpp_split, client):
     )  # fmt: skip
     assert answer.choices[0].logprobs.content[0].top_logprobs
     runner = runner_process(llamacpp_split)
-    maps = open(f"/proc/{runner.pid}/maps").read()
+    maps = Path(f"/proc/{runner.pid}/maps").read_text()
     assert "libllama" in maps and "libxgrammar_bindings" in maps
     assert "libtorch" not in maps and "/torch/" not in maps
 

@@ -4,8 +4,9 @@ against the same checks: exact distributions, top-p, per-row seeds, logprobs, br
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
