@@ -97,7 +97,7 @@ test-llamacpp:
 
 # tests/containers: the images built from this tree and run with a Docker engine (the remote
 # topology, the runner killed and restarted, the all-in-one image, the runner on llama.cpp,
-# compose on CPU); the runner's images get the CPU torch, the llama.cpp one the wheel
+# compose on CPU); the runner's images get the CPU torch, the llama.cpp one (no torch) the wheel
 # deploy/llamacpp-wheel.sh built (it builds it first where none is kept). Skipped, saying why,
 # without a reachable engine. Where Docker Hub is out of reach: `make base-image`, then
 # BASE_IMAGE=llm-bundle/python:3.11-debian. About 6 minutes here the first time (the images'
@@ -145,8 +145,8 @@ BENTO := $(if $(filter vllm,$(ENGINE)),llm-bundle-vllm,llm-bundle)
 BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.yaml)
 RUNNER_BENTO := $(if $(filter vllm,$(ENGINE)),$(BENTO),llm-bundle-runner)
 RUNNER_BENTOFILE := $(if $(filter vllm,$(ENGINE)),bentofile.vllm.yaml,bentofile.runner.yaml)
-# ENGINE=llamacpp: the runner alone on llama.cpp, a CPU image (bentofile.llamacpp.yaml): the
-# CPU torch, and the llama-cpp-python wheel deploy/llamacpp-wheel.sh built, both from wheels/.
+# ENGINE=llamacpp: the runner alone on llama.cpp, a CPU image (bentofile.llamacpp.yaml): no
+# torch, and the llama-cpp-python wheel deploy/llamacpp-wheel.sh built, from wheels/.
 ifeq ($(ENGINE),llamacpp)
 RUNNER_BENTO := llm-bundle-runner-llamacpp
 RUNNER_BENTOFILE := bentofile.llamacpp.yaml
@@ -158,10 +158,12 @@ API_IMAGE ?= llm-bundle-api:latest
 # BentoML turns BuildKit on unless told; Docker without buildx then fails with no message.
 export DOCKER_BUILDKIT ?= 0
 # LLM_RUNNER_URL emptied: one exported in the shell would make any Bento an API-only one.
-# TORCH=cpu: the lock reads the overrides the image's install reads (no triton; glue/image.py).
+# TORCH=cpu: the lock reads the overrides the image's install reads (no triton; glue/image.py);
+# ENGINE=llamacpp: no torch either.
 BUILD_ENV = LLM_BASE_IMAGE=$(BASE_IMAGE) LLM_TORCH_WHEEL=$$(cat wheels/.torch 2>/dev/null) \
 	LLM_LLAMACPP_WHEEL=$$(cat wheels/.llamacpp 2>/dev/null) LLM_RUNNER_URL= \
-	$(if $(filter cpu,$(TORCH)),UV_OVERRIDE=wheels/cpu-overrides.txt)
+	$(if $(filter llamacpp,$(ENGINE)),UV_OVERRIDE=wheels/llamacpp-overrides.txt,$(if \
+		$(filter cpu,$(TORCH)),UV_OVERRIDE=wheels/cpu-overrides.txt))
 
 # The llama-cpp-python wheel deploy/llamacpp-wheel.sh built (building it where none is kept),
 # into wheels/ and named in wheels/.llamacpp (LLM_LLAMACPP_WHEEL in BUILD_ENV).
@@ -169,10 +171,14 @@ LLAMACPP_WHEEL_TO_WHEELS = wheel=$$(PY=$(PY) deploy/llamacpp-wheel.sh) && cp "$$
 	echo "wheels/$$(basename "$$wheel")" > wheels/.llamacpp
 
 # wheels/: the torch wheel that TORCH=cpu packs (the local one if pip finds it, else from the
-# PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed.
+# PyTorch CPU index); emptied for TORCH=cuda, so no stale wheel is packed. ENGINE=llamacpp:
+# no torch at all (that runner never imports it), the llama.cpp wheel instead.
 torch-wheel:
 	@rm -rf wheels && mkdir -p wheels
-ifeq ($(TORCH),cpu)
+	@cp deploy/llamacpp-overrides.txt wheels/  # the llama.cpp runner's image (glue/image.py)
+ifeq ($(ENGINE),llamacpp)
+	$(LLAMACPP_WHEEL_TO_WHEELS)
+else ifeq ($(TORCH),cpu)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d wheels "$(TORCH_CPU_SPEC)" || \
 		$(PY) -m pip download -q --no-deps --only-binary=:all: -d wheels "$(TORCH_CPU_SPEC)" \
 			--extra-index-url $(TORCH_CPU_INDEX)
@@ -180,9 +186,6 @@ ifeq ($(TORCH),cpu)
 	@cp deploy/cpu-overrides.txt wheels/  # no triton beside the CPU torch (glue/image.py)
 else ifneq ($(TORCH),cuda)
 	$(error TORCH is cuda or cpu)
-endif
-ifeq ($(ENGINE),llamacpp)
-	$(LLAMACPP_WHEEL_TO_WHEELS)
 endif
 
 build: model torch-wheel

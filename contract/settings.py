@@ -26,6 +26,18 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_SUFFIX = "-tokenizer"
 
 
+GGUF_SUFFIX = "-gguf"
+
+
+def gguf_tag(model_tag: str) -> str:
+    """The GGUF entry's tag for a model's (``name`` or ``name:version``): the GGUF as shipped
+    and the tokenizer files, what a runner on llama.cpp packs; a GGUF entry's own tag as is."""
+    name, _, version = model_tag.partition(":")
+    if not name.endswith(GGUF_SUFFIX):
+        name += GGUF_SUFFIX
+    return name + (f":{version}" if version else "")
+
+
 def tokenizer_tag(model_tag: str) -> str:
     """The tokenizer entry's tag for a model's (``name`` or ``name:version``)."""
     name, _, version = model_tag.partition(":")

@@ -20,6 +20,10 @@ services: the base, no compilers, and the Python packages, from pyproject.toml's
   installs (it is built once per CPU kind by deploy/llamacpp-wheel.sh: PyPI has the source
   only). Its libraries link the system's OpenMP runtime (``libgomp.so.1``), which slim bases
   lack, so such an image installs Debian's ``libgomp1`` (a 300 kB package, no compilers).
+  And no torch: that runner never imports it (numpy samples its logits, xgrammar's C++ masks
+  them: runners/xgr.py), so its ``UV_OVERRIDE`` is deploy/llamacpp-overrides.txt, which leaves
+  torch (754 MB) and triton out although xgrammar and the runner's package set require them,
+  and ``LLM_TORCH_WHEEL`` is not installed there.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def bento_image(
     packages = package_set(extras)
     if packages:
         image.python_packages(*packages)
-    if with_runner and settings.torch_wheel:
+    if with_runner and settings.torch_wheel and not llamacpp:
         how = "`make torch-wheel TORCH=cpu` puts the CPU build there"
         image.python_packages(_project_wheel("LLM_TORCH_WHEEL", settings.torch_wheel, how))
     if with_runner and llamacpp and PYPROJECT.is_file():  # (a built Bento's image is built)
@@ -97,23 +101,38 @@ def bento_image(
 # Relative to the Bento's src/, the directory both the lock (`uv pip compile`, on the build
 # host) and the image's `uv --directory ./src pip install` run uv in.
 CPU_OVERRIDES = "wheels/cpu-overrides.txt"
+LLAMACPP_OVERRIDES = "wheels/llamacpp-overrides.txt"
 
 
 def image_envs(
-    settings: BuildSettings, *, with_runner: bool, pyproject: Path = PYPROJECT
+    settings: BuildSettings,
+    *,
+    with_runner: bool,
+    llamacpp: bool = False,
+    pyproject: Path = PYPROJECT,
 ) -> list[dict[str, str]]:
     """The envs an image needs while it installs its packages: where its runner has the CPU
-    build of torch, ``UV_OVERRIDE`` (no triton; see the module's docstring). None in a built
-    Bento (no pyproject.toml: its image is built)."""
-    cpu_torch = settings.torch_wheel and "+cpu" in Path(settings.torch_wheel).name
-    if not (with_runner and cpu_torch and pyproject.is_file()):
+    build of torch, ``UV_OVERRIDE`` (no triton); where it runs on llama.cpp, another (no torch,
+    no triton; see the module's docstring). None in a built Bento (no pyproject.toml: its
+    image is built)."""
+    if not (with_runner and pyproject.is_file()):
         return []
-    if not (pyproject.parent / CPU_OVERRIDES).is_file():
-        raise ValueError(
-            f"LLM_TORCH_WHEEL is a CPU build, and {CPU_OVERRIDES} (the overrides that keep "
-            "triton out of its image) is missing: `make torch-wheel TORCH=cpu` puts both there"
+    if llamacpp:
+        overrides, what, how = (
+            LLAMACPP_OVERRIDES,
+            "torch and triton",
+            "make build-runner ENGINE=llamacpp",
         )
-    return [{"name": "UV_OVERRIDE", "value": CPU_OVERRIDES}]
+    elif settings.torch_wheel and "+cpu" in Path(settings.torch_wheel).name:
+        overrides, what, how = CPU_OVERRIDES, "triton", "make torch-wheel TORCH=cpu"
+    else:
+        return []
+    if not (pyproject.parent / overrides).is_file():
+        raise ValueError(
+            f"{overrides} (the overrides that keep {what} out of the runner's image) is "
+            f"missing: `{how}` puts it there"
+        )
+    return [{"name": "UV_OVERRIDE", "value": overrides}]
 
 
 def _project_wheel(setting: str, path: str, how: str) -> str:

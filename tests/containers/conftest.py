@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contract.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX
+from contract.settings import DEFAULT_MODEL, TOKENIZER_SUFFIX, gguf_tag
 from tests.conftest import USER_BENTOML_HOME
 from tests.served import BENTOML, ROOT, free_port
 
@@ -80,8 +80,8 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 def _store_with_default_model(home: Path) -> str:
-    """The tests' BentoML home, holding the user's default model and its tokenizer entry
-    (linked, not copied); the model's exact tag."""
+    """The tests' BentoML home, holding the user's default model, its tokenizer entry and its
+    GGUF entry (linked, not copied); the model's exact tag."""
     user_models = Path(USER_BENTOML_HOME) / "models"
     for name in (DEFAULT_MODEL, f"{DEFAULT_MODEL}{TOKENIZER_SUFFIX}"):
         if not (user_models / name).is_dir():
@@ -90,6 +90,9 @@ def _store_with_default_model(home: Path) -> str:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(user_models / name, target_is_directory=True)
+    gguf = user_models / gguf_tag(DEFAULT_MODEL)  # the llama.cpp runner's, where make model made it
+    if gguf.is_dir() and not (home / "models" / gguf.name).exists():
+        (home / "models" / gguf.name).symlink_to(gguf, target_is_directory=True)
     version = (user_models / DEFAULT_MODEL / "latest").read_text().strip()
     return f"{DEFAULT_MODEL}:{version}"
 
@@ -143,7 +146,8 @@ class Images:
             pytest.fail("no llama-cpp-python wheel in wheels/: run `make test-containers`")
         self.build(
             "bentofile.llamacpp.yaml", image, LLM_ENGINE="llamacpp",
-            LLM_TORCH_WHEEL=self.torch_wheel, LLM_LLAMACPP_WHEEL=listed.read_text().strip(),
+            LLM_LLAMACPP_WHEEL=listed.read_text().strip(),
+            UV_OVERRIDE="wheels/llamacpp-overrides.txt",  # the lock without torch, as the image
         )  # fmt: skip
         return image
 

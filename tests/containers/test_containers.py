@@ -182,7 +182,7 @@ def test_a_runner_container_stopped_with_docker_stop_finishes_the_answers_in_fli
 
 
 def test_the_llamacpp_runner_image_serves_the_gguf_behind_the_api_image(images, run_container):
-    """The runner's image on llama.cpp (CPU torch, the wheel built here, Debian's libgomp1):
+    """The runner's image on llama.cpp (no torch, the wheel built here, Debian's libgomp1):
     the GGUF of the store entry, answered through the unchanged API image, structured output
     included."""
     runner = run_container(
@@ -207,9 +207,15 @@ def test_the_llamacpp_runner_image_serves_the_gguf_behind_the_api_image(images, 
     found = docker(
         "run", "--rm", "--entrypoint", "python", images.runner_llamacpp(), "-c",
         "import llama_cpp, importlib.util as u;"
-        " print([m for m in ('vllm', 'triton') if u.find_spec(m)])",
+        " print([m for m in ('vllm', 'triton', 'torch') if u.find_spec(m)])",
     )  # fmt: skip
-    assert found.stdout.strip() == "[]"  # no triton beside the CPU torch (glue/image.py)
+    assert found.stdout.strip() == "[]"  # no torch, no triton (glue/image.py)
+    weights = docker(
+        "run", "--rm", "--entrypoint", "python", images.runner_llamacpp(), "-c",
+        "import glob; print(sorted(p.rsplit('/', 1)[1] for p in"
+        " glob.glob('/home/bentoml/bento/models/**/*.*', recursive=True)))",
+    ).stdout  # fmt: skip
+    assert ".gguf" in weights and ".safetensors" not in weights  # the GGUF entry, alone
 
 
 def test_the_all_in_one_image_serves_api_and_runner_in_one_container(images: Images, run_container):

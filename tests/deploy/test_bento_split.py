@@ -17,7 +17,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from contract.settings import TOKENIZER_SUFFIX
-from glue.image import CPU_OVERRIDES, PREBUILT_DISTRO, bento_image, image_envs
+from glue.image import CPU_OVERRIDES, LLAMACPP_OVERRIDES, PREBUILT_DISTRO, bento_image, image_envs
 from glue.settings import BuildSettings
 from tests.deploy.conftest import BUILD_ENV, BuiltBento, build_bento
 from tests.served import ROOT, START_HTTP_SERVER, ServedProcess, free_port
@@ -198,6 +198,34 @@ def test_an_image_with_the_cpu_torch_installs_no_triton(tmp_path):
     for settings, with_runner in ((cuda, True), (BuildSettings(), True), (cpu, False)):
         found = image_envs(settings, with_runner=with_runner, pyproject=tmp_path / "pyproject.toml")
         assert found == []
+
+
+def test_a_llamacpp_image_installs_no_torch(tmp_path, monkeypatch):
+    """The runner on llama.cpp never imports torch, so its image leaves torch and triton out
+    (overrides read by the lock and the image's install), whatever torch wheel is named."""
+    (tmp_path / "pyproject.toml").write_text("")
+    settings = BuildSettings(torch_wheel="wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+    with pytest.raises(ValueError, match="make build-runner ENGINE=llamacpp"):
+        image_envs(settings, with_runner=True, llamacpp=True, pyproject=tmp_path / "pyproject.toml")
+    overrides = tmp_path / LLAMACPP_OVERRIDES
+    overrides.parent.mkdir()
+    overrides.write_text((ROOT / "deploy" / "llamacpp-overrides.txt").read_text())
+    envs = image_envs(
+        settings, with_runner=True, llamacpp=True, pyproject=tmp_path / "pyproject.toml"
+    )
+    assert envs == [{"name": "UV_OVERRIDE", "value": LLAMACPP_OVERRIDES}]
+    lines = [x for x in overrides.read_text().splitlines() if x and not x.startswith("#")]
+    left_out = {Requirement(x).name for x in lines if not Requirement(x).marker.evaluate()}
+    assert left_out == {"torch", "triton"}
+    monkeypatch.chdir(tmp_path)  # the build context
+    wheel = Path("wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
+    wheel.write_bytes(b"")
+    Path(settings.torch_wheel).write_bytes(b"")
+    image = bento_image(
+        settings.model_copy(update={"llamacpp_wheel": str(wheel)}), extras=["runner"],
+        with_runner=True, llamacpp=True,
+    )  # fmt: skip
+    assert not [r for r in image.python_requirements.splitlines() if "torch-" in r]
 
 
 # ---------------------------------------------------------------- the two, served

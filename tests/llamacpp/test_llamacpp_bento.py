@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,10 +27,15 @@ def test_the_llamacpp_bentofile_differs_from_the_runners_only_by_the_engine():
     assert llamacpp.pop("args") == {"engine": "llamacpp"}  # its image installs the wheel
     assert llamacpp.pop("name") == "llm-bundle-runner-llamacpp"
     assert llamacpp["labels"].pop("engine") == "llamacpp"
+    # Its wheels: the llama.cpp one and the overrides that leave torch out, for the runner's
+    # any torch wheel and the CPU overrides.
+    wheels = {i for i in llamacpp["include"] if i.startswith("/wheels/")}
+    assert wheels == {"/wheels/llama_cpp_python-*.whl", "/wheels/llamacpp-overrides.txt"}
     for config in (runner, llamacpp):
         config.pop("description")
+        config["include"] = [i for i in config["include"] if not i.startswith("/wheels/")]
     runner.pop("name")
-    assert llamacpp == runner  # service, includes, envs, image: all the same
+    assert llamacpp == runner  # service, the tree, envs, image: all the same
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +57,26 @@ def built_wheel():
         shutil.rmtree(wheels)
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf_tag(tiny_model_tag, tmp_path_factory):
+    """The tiny model's GGUF entry, as `make model` adds one for a model that has a GGUF (a
+    placeholder file here: the Bento is built, not served)."""
+    import bentoml
+
+    from runners.import_model import import_gguf_entry
+
+    gguf = tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    return import_gguf_entry(bentoml.models.get(tiny_model_tag), gguf=gguf)
+
+
 def test_the_llamacpp_runner_bento_records_the_engine_no_gpu_and_the_wheel(
-    built_wheel, tiny_model_tag
+    built_wheel, tiny_model_tag, tiny_gguf_tag
 ):
     env = {"LLM_MODEL": TINY_MODEL, "LLM_ENGINE": "llamacpp", "LLM_LLAMACPP_WHEEL": built_wheel,
-           "LLM_TORCH_WHEEL": "", "LLM_RUNNER_URL": ""}  # fmt: skip
+           "LLM_TORCH_WHEEL": "", "LLM_RUNNER_URL": "",
+           "UV_OVERRIDE": "wheels/llamacpp-overrides.txt"}  # fmt: skip
+    shutil.copy(ROOT / "deploy" / "llamacpp-overrides.txt", ROOT / "wheels")
     built = build_bento(env, "-f", "bentofile.llamacpp.yaml")
     manifest = built.manifest
     assert manifest["name"] == "llm-bundle-runner-llamacpp"
@@ -63,9 +84,18 @@ def test_the_llamacpp_runner_bento_records_the_engine_no_gpu_and_the_wheel(
     assert {e["name"]: e["value"] for e in manifest["envs"]}["LLM_ENGINE"] == "llamacpp"
     (service,) = manifest["services"]
     assert service["name"] == "LLMRunner" and "gpu" not in service["config"]["resources"]
-    assert [m["tag"] for m in service["models"]] == [tiny_model_tag]
+    # The GGUF entry: the GGUF and tokenizer files, not the weights in safetensors.
+    assert tiny_gguf_tag.startswith(tiny_model_tag.split(":")[0] + "-gguf:")
+    assert [m["tag"] for m in service["models"]] == [tiny_gguf_tag]
+    import bentoml  # the tests' store, which the Bento's image takes its models from
+
+    entry = Path(bentoml.models.get(tiny_gguf_tag).path)
+    packed = {p.name for p in entry.iterdir() if p.is_file()}
+    assert "tiny.Q4_1.gguf" in packed and "tokenizer.json" in packed
+    assert not [name for name in packed if name.endswith(".safetensors")]
     lock = (built.path / "env" / "python" / "requirements.txt").read_text()
     assert f"./{built_wheel}" in lock.splitlines()
+    assert not re.search(r"^(torch|triton)==", lock, re.M)  # that runner never imports torch
     assert not re.search(r"^(llama-cpp-python|vllm)==", lock, re.M | re.I)  # no sdist to build
     assert (built.path / "src" / built_wheel).is_file()
     dockerfile = (built.path / "env" / "docker" / "Dockerfile").read_text()

@@ -60,3 +60,30 @@ def test_the_architecture_page_states_the_rules_this_test_enforces():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         may = {word.strip("`/ ") for word in cells[2].split(",") if word.strip("`/ —-")}
         assert may == allowed, (room, may)
+
+
+# The runner's modules a runner on llama.cpp loads: none imports torch when it is imported
+# (the engine's native loader imports it inside the functions that build a torch model).
+# tests/llamacpp checks the served runner's memory maps for the whole of it.
+TORCH_FREE = ["runners/llm.py", "runners/engine.py", "runners/work.py", "runners/settings.py",
+              "runners/metrics.py", "runners/host_sampling.py", "runners/xgr.py",
+              "runners/grammar.py", "runners/closing.py", "runners/llamacpp_model.py",
+              "runners/kv_blocks.py", "runners/orphans.py"]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_the_runner_on_llamacpp_imports_no_torch_at_module_level(module):
+    tree = ast.parse((ROOT / module).read_text())
+    top = set()
+    for node in tree.body:  # module level, and under `if` (not TYPE_CHECKING's: never run)
+        nodes = [node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            nodes = node.body + node.orelse
+        for item in nodes:
+            if isinstance(item, ast.Import):
+                top |= {a.name.split(".")[0] for a in item.names}
+            elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
+                top |= {item.module.split(".")[0], item.module}
+    # runners.batch_model and runners.sampling are torch's own: imported where torch is used
+    torch_bound = {"torch", "transformers", "vllm", "runners.batch_model", "runners.sampling"}
+    assert not top & torch_bound, sorted(top & torch_bound)
