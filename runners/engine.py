@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+# A new prompt waits for a prompt in flight to compute what they share, rather than compute
+# it beside it, when that is at least this much (on models that keep prefixes themselves):
+# waiting costs it a step, so a short shared head (a chat template's default system prompt)
+# is computed again instead.
+_WAIT_FOR_SHARED_TOKENS = 64
 # Our engine's defaults: the settings class states them once (what load() is not given).
 _DEFAULTS = NativeEngineSettings.model_construct()
 _CLOSING = RunnerSettings.model_construct().closing()
@@ -99,6 +104,16 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token lists share."""
+    n = 0
+    for x, y in zip(a, b):  # noqa: B905 - they differ in length
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
@@ -692,11 +707,13 @@ class GenerationEngine:
             found = len(pool.lookup(hashes))
             if found < len(hashes) and hashes[found] in computing:
                 return False
+        model = self.batch_model
+        if hasattr(model, "reuse") and self._prefix_caching and self._shares_a_prefill(request):
+            return False
         alloc = pool.admit(request.prompt_ids, request.max_length, hashes)
         if alloc is None:
             return False
         request.alloc = alloc
-        model = self.batch_model
         if hasattr(model, "reuse"):  # a model that keeps prefixes itself (llama.cpp's KV)
             slot = model.choose_slot(self._free_slots, request.prompt_ids)
             self._free_slots.remove(slot)
@@ -711,6 +728,20 @@ class GenerationEngine:
         self._waiting.remove(request)
         self._running.append(request)
         return True
+
+    def _shares_a_prefill(self, request: _Request) -> bool:
+        """Whether a prompt still being computed shares ``_WAIT_FOR_SHARED_TOKENS`` or more of
+        ``request``'s prompt beyond what it has computed yet. On a model that keeps prefixes
+        itself (llama.cpp's cells), ``request`` then waits and reuses those cells once they
+        are there, instead of computing them again beside it: the ``n`` choices of one
+        prompt, or clients that share a system prompt and arrive together. (Our paged model
+        gets the same from the block hashes of prompts in flight, above.)"""
+        for other in self._running:
+            if other.prefilling:
+                common = _common_prefix(other.prompt_ids, request.prompt_ids)
+                if common - other.length >= _WAIT_FOR_SHARED_TOKENS:
+                    return True
+        return False
 
     def _advance(self, members: list[_Request], work: list[Work], logits: Any) -> None:
         """Account for the step, then choose and emit a token for each row of ``logits``:

@@ -133,6 +133,27 @@ def test_a_shared_prefix_is_reused_from_llamacpps_cells(tokenizer):
         assert a == pytest.approx(b, abs=0.15)
 
 
+def test_prompts_that_arrive_together_compute_their_shared_part_once(tokenizer):
+    """Three requests with one long system prompt, sent at once (as the ``n`` choices of one
+    prompt are): the first computes it, the others wait a step and reuse its cells."""
+    system = "You are a careful assistant who answers in one short sentence. " * 20
+    prompts = [_prompt(tokenizer, q, system) for q in ("What is 2+2?", "Name a color.", "Hi!")]
+    engine = _engine()
+    try:
+
+        async def together():
+            return await asyncio.gather(*[_run(engine, ids, _greedy(4)) for ids in prompts])
+
+        results = asyncio.run(together())
+        shared = next(i for i, (a, b) in enumerate(zip(*prompts[:2], strict=False)) if a != b)
+        cached = sorted(first_cached for _, first_cached, _ in results)
+        assert cached[0] == 0 and cached[1] >= shared - 16 and cached[2] >= shared - 16, cached
+        computed = engine.stats.prefill_tokens
+        assert computed <= sum(len(p) for p in prompts) - 2 * (shared - 16), computed
+    finally:
+        engine.close()
+
+
 def test_finished_sequences_cells_make_room_for_new_ones(tokenizer):
     """512 cells; three prompts of 142 tokens at once, whose cells stay once they finish
     (for a later prompt that starts the same way); then a 162-token prompt that starts like
