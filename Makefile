@@ -246,7 +246,9 @@ bench: model $(BENCH_STAMP)
 	$(PY) -m bench.suite --vllm-venv $(VLLM_VENV) --llamacpp-venv $(LLAMACPP_VENV) $(BENCH_ARGS)
 
 # Ours on llama.cpp against llama.cpp's own server (built once from the same source, by
-# bench/llama_server.sh), with ours on our engine beside them: about 12 minutes here.
+# bench/llama_server.sh), with ours on our engine beside them, one after the other; then the
+# two on llama.cpp side by side, turn by turn (bench.paired), which the targets are checked
+# on: about 15 minutes here.
 bench-llamacpp:
 	$(MAKE) bench BENCH_ARGS="--skip-vllm --skip-peer --skip-in-process --requests 16 \
 		--out bench-results/llamacpp $(BENCH_ARGS)"

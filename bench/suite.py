@@ -125,11 +125,21 @@ TARGETS: dict[str, tuple[str, float | None, str]] = {
         "shared 2,000-token system prompt, served: later TTFT / first TTFT, vllm serve",
         None, "info",
     ),
+    # One server after the other (as for the other pairs), and side by side, turn by turn
+    # (bench.paired): on these shared machines the first moved by a third between runs, so
+    # the targets are checked on the second.
     "llamacpp_throughput_vs_llama_server": (
-        "{n} clients: output tok/s, ours on llama.cpp / llama-server", 0.95, "min",
+        "{n} clients: output tok/s, ours on llama.cpp / llama-server", None, "info",
     ),
     "llamacpp_latency_vs_llama_server": (
-        "1-client latency, ours on llama.cpp / llama-server", 1.1, "max",
+        "1-client latency, ours on llama.cpp / llama-server", None, "info",
+    ),
+    "paired_llamacpp_throughput": (
+        "turn by turn: {n} clients: output tok/s, ours on llama.cpp / llama-server (median)",
+        0.95, "min",
+    ),
+    "paired_llamacpp_latency": (
+        "turn by turn: 1-client latency, ours on llama.cpp / llama-server (median)", 1.1, "max",
     ),
     "llamacpp_runner_memory_vs_llama_server": (
         "memory (RSS): our llama.cpp runner process / llama-server", 1.3, "max",
@@ -188,6 +198,7 @@ def target_values(
     drops: dict[str, dict],
     clients: int,
     prefix: dict[str, dict] | None = None,
+    paired: dict[str, Any] | None = None,
 ) -> dict[str, float | None]:
     """Every TARGETS entry's measured value (None: not measured)."""
     ours, peer = run_name(OURS, clients), run_name(PEER, clients)
@@ -213,6 +224,10 @@ def target_values(
         ),
         "native_vs_llama_server": ratio(results, ours, run_name(LLAMA_SERVER, clients)),
         "prefix_ttft_llamacpp": (prefix or {}).get(OURS_LLAMACPP, {}).get("ratio"),
+        "paired_llamacpp_latency": (paired or {}).get("latency_1_client", {}).get("median"),
+        "paired_llamacpp_throughput": (paired or {})
+        .get(f"throughput_{clients}_clients", {})
+        .get("median"),
     }
     memory = {name: found.get("memory") for name, found in results.items() if "memory" in found}
     server_memory = memory.get(run_name(LLAMA_SERVER, clients), {}).get("all_mib")
@@ -478,6 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-native", action="store_true", help="no ours on our engine")
     parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=8,
+        help="rounds of llama-server and ours on llama.cpp side by side, turn by turn "
+        "(bench.paired; 0: leave that part out)",
+    )
+    parser.add_argument(
         "--skip-in-process", action="store_true", help="no in-process engines or generate"
     )
     parser.add_argument(
@@ -515,8 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             measure_server(runs, target, args, work, drop=True, prefix=True, process=proc)
             runs.notes["ours_prefix_cache"] = prefix_metrics(args.port)
 
-    def llama_server() -> None:
-        port = args.port + 4
+    def llama_server_command(port: int) -> list[str]:
         binary = args.llama_server or Path(
             subprocess.run(
                 ["bash", str(ROOT / "bench" / "llama_server.sh")], check=True, text=True,
@@ -534,6 +555,16 @@ def main(argv: list[str] | None = None) -> int:
             *args.llama_server_args.split(),
         ]  # fmt: skip
         runs.notes["llama_server_command"] = " ".join(cmd)
+        return cmd
+
+    def ours_llamacpp_command(port: int) -> tuple[list[str], dict[str, str]]:
+        bentoml_bin = args.llamacpp_venv / "bin" / "bentoml"
+        cmd = [str(bentoml_bin), "serve", args.service, "--port", str(port)]
+        return cmd, {**base_env, "LLM_ENGINE": "llamacpp"}
+
+    def llama_server() -> None:
+        port = args.port + 4
+        cmd = llama_server_command(port)
         target = Target(LLAMA_SERVER, f"http://127.0.0.1:{port}/v1", "model")
         ready = f"http://127.0.0.1:{port}/health"
         with server(cmd, ready, logs / "llama-server.log", {}) as proc:
@@ -542,13 +573,34 @@ def main(argv: list[str] | None = None) -> int:
     def ours_llamacpp() -> None:
         port = args.port + 5
         target = Target(OURS_LLAMACPP, f"http://127.0.0.1:{port}/v1")
-        bentoml_bin = args.llamacpp_venv / "bin" / "bentoml"
-        cmd = [str(bentoml_bin), "serve", args.service, "--port", str(port)]
-        env = {**base_env, "LLM_ENGINE": "llamacpp"}
+        cmd, env = ours_llamacpp_command(port)
         ready = f"http://127.0.0.1:{port}/readyz"
         with server(cmd, ready, logs / "ours-llamacpp.log", env) as proc:
             measure_server(runs, target, args, work, drop=True, prefix=True, process=proc)
             runs.notes["ours_llamacpp_prefix_cache"] = prefix_metrics(port)
+
+    def paired_llamacpp() -> None:
+        """Both up at once, measured turn by turn (bench.paired)."""
+        from bench.paired import paired
+
+        ports = args.port + 4, args.port + 5
+        theirs = Target(LLAMA_SERVER, f"http://127.0.0.1:{ports[0]}/v1", "model")
+        ours_target = Target(OURS_LLAMACPP, f"http://127.0.0.1:{ports[1]}/v1")
+        cmd, env = ours_llamacpp_command(ports[1])
+        with (
+            server(llama_server_command(ports[0]), f"http://127.0.0.1:{ports[0]}/health",
+                   logs / "paired-llama-server.log", {}),
+            server(cmd, f"http://127.0.0.1:{ports[1]}/readyz", logs / "paired-ours.log", env),
+        ):  # fmt: skip
+            warm_up(theirs, args.clients)
+            warm_up(ours_target, args.clients)
+            found = asyncio.run(
+                paired(ours_target, theirs, work, rounds=args.paired_rounds, clients=args.clients)
+            )
+        runs.notes["paired_llamacpp"] = found
+        lat = found["latency_1_client"]
+        print(f"paired: 1-client latency ours/llama-server median {lat['median']} "
+              f"over {lat['rounds']} rounds")  # fmt: skip
 
     def peer() -> None:
         port = args.port + 1
@@ -608,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_llamacpp:
         runs.part("llama-server (llama.cpp's own server, the GGUF as shipped)", llama_server)
         runs.part("ours on llama.cpp: bentoml serve, LLM_ENGINE=llamacpp", ours_llamacpp)
+        if args.paired_rounds:
+            runs.part("llama-server and ours on llama.cpp, turn by turn", paired_llamacpp)
     if not args.skip_in_process:
         runs.part("our engine in process", native_in_process)
         if not args.skip_vllm:
@@ -615,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.part("in-process generate", baselines)
 
     latency = latency_comparisons(runs.records, args.clients)
-    values = target_values(runs.results, latency, runs.drops, args.clients, runs.prefix)
+    values = target_values(
+        runs.results, latency, runs.drops, args.clients, runs.prefix,
+        runs.notes.get("paired_llamacpp"),
+    )  # fmt: skip
     checks = checks_of(values)
     machine = {
         "platform": platform.platform(),
@@ -699,6 +756,15 @@ def report(
         lines.append(f"- Our runner's KV and prefix-cache series after its part: {counters}.")
     if "vllm_serve_command" in runs.notes:
         lines.append(f"- vllm serve ran as: `{runs.notes['vllm_serve_command']}`.")
+    if "paired_llamacpp" in runs.notes:  # bench.paired
+        for key, found in runs.notes["paired_llamacpp"].items():
+            if isinstance(found, dict) and found.get("median") is not None:
+                lines.append(
+                    f"- Turn by turn, ours on llama.cpp / llama-server, {key}: median "
+                    f"{found['median']:.3f} over {found['rounds']} rounds (min {found['min']:.3f},"
+                    f" max {found['max']:.3f}; {found['rounds_differing']} rounds left out: "
+                    "outputs of different lengths)."
+                )
     for engine, note in runs.notes.get("engines", {}).items():
         lines.append(f"- In process, {engine}: the engine loaded in {note['load_s']:.0f} s.")
     errors = {n: [r.error for r in recs if r.error][:3] for n, recs in runs.records.items()}

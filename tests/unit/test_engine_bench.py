@@ -158,3 +158,26 @@ def test_in_process_streams_are_timed_and_run_concurrently():
 
     summary, recs = asyncio.run(run_streams(fail, [[1]], [3], 1))
     assert summary["errors"] == 1 and recs[0].error == "RuntimeError: engine down"
+
+
+def test_turn_by_turn_rounds_give_the_llamacpp_targets():
+    """bench.paired: each round's own ratio, rounds of unequal work left out; the medians
+    are the llama.cpp targets, the one-after-the-other ratios only shown."""
+    from bench.paired import round_ratios, summary
+
+    ours = records(1.1, 2.4, 0.9) + [RequestRecord(latency=9.0, ttft=0.1, output_tokens=3)]
+    theirs = records(1.0, 2.0, 1.0, 1.0)
+    ratios, differing = round_ratios(ours, theirs)
+    assert ratios == pytest.approx([1.1, 1.2, 0.9]) and differing == 1
+    latency = summary(ratios, differing)
+    assert latency["median"] == pytest.approx(1.1) and latency["rounds"] == 3
+    paired = {"latency_1_client": latency, f"throughput_{N}_clients": summary([0.9, 1.0, 1.2])}
+    checks = checks_of(target_values({}, {}, {}, N, None, paired))
+    assert checks["paired_llamacpp_latency"]["verdict"] == "met"  # 1.1 <= 1.1
+    assert checks["paired_llamacpp_throughput"]["verdict"] == "met"  # median 1.0
+    assert checks["llamacpp_latency_vs_llama_server"]["verdict"] == "not measured"
+    worse = {"latency_1_client": summary([1.3, 1.2, 1.25])}
+    assert (
+        checks_of(target_values({}, {}, {}, N, None, worse))["paired_llamacpp_latency"]["verdict"]
+        == "MISSED"
+    )
