@@ -171,23 +171,26 @@ def keep_gguf(source: Path, entry: Path) -> None:
 def import_tokenizer(model: Any) -> str:
     """Put ``<name>-tokenizer:<version>`` beside a stored model: every file of it but the
     weights (tokenizer, chat template, config, generation config). Kept if already there."""
+    tag = tokenizer_tag(str(model.tag))
+    if find_in_store(tag) is None:
+        _store_beside(model, tag, _light_files(model), task="tokenizer", fmt="tokenizer")
+    return tag
+
+
+def _store_beside(model: Any, tag: str, files: list[Path], *, task: str, fmt: str) -> None:
+    """A new store entry ``tag`` of ``files``, with ``model``'s metadata, naming it."""
     import shutil
 
     import bentoml
 
-    tag = tokenizer_tag(str(model.tag))
-    if find_in_store(tag) is not None:
-        return tag
-    files = _light_files(model)
     with bentoml.models.create(
         tag,
-        labels={"task": "tokenizer", "format": "tokenizer", "weights": str(model.tag)},
+        labels={"task": task, "format": fmt, "weights": str(model.tag)},
         metadata=dict(model.info.metadata),
     ) as stored:
         for file in files:
             shutil.copy2(file, Path(stored.path) / file.name)
     print(f"imported {tag}: {', '.join(sorted(f.name for f in files))}")
-    return tag
 
 
 def _light_files(model: Any) -> list[Path]:
@@ -205,27 +208,15 @@ def import_gguf_entry(model: Any, gguf: Path | None = None) -> str | None:
     ``gguf``): the GGUF and the tokenizer files, no safetensors. It is what the runner's Bento
     on llama.cpp packs (runners/llm.py): the default model's 98 MB, not its 540 MB of fp32
     weights beside it. Kept if already there; None where the model has no GGUF."""
-    import shutil
-
-    import bentoml
-
     from runners.llamacpp_model import find_gguf
 
     gguf = gguf or find_gguf(model.path)
     if gguf is None:
         return None
     tag = gguf_tag(str(model.tag))
-    if find_in_store(tag) is not None:
-        return tag
-    files = [*_light_files(model), gguf]
-    with bentoml.models.create(
-        tag,
-        labels={"task": "text-generation", "format": "gguf", "weights": str(model.tag)},
-        metadata=dict(model.info.metadata),
-    ) as stored:
-        for file in files:
-            shutil.copy2(file, Path(stored.path) / file.name)
-    print(f"imported {tag}: {', '.join(sorted(f.name for f in files))}")
+    if find_in_store(tag) is None:
+        files = [*_light_files(model), gguf]
+        _store_beside(model, tag, files, task="text-generation", fmt="gguf")
     return tag
 
 

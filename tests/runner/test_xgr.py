@@ -76,3 +76,20 @@ def test_the_torch_and_numpy_samplers_mask_the_same_tokens(tiny_tokenizer_dir):
     assert np.isfinite(on_numpy[[0, 2]]).all()  # rows without a grammar untouched
     assert 0 < np.isfinite(on_numpy[1]).sum() < vocab
     grammars.close()
+
+
+def test_the_grammars_tokenizer_reads_as_autotokenizers_does(tiny_tokenizer_dir):
+    """The grammar's tokenizer is read without AutoTokenizer (whose lookup imports torch):
+    xgrammar sees the same vocabulary, kind, prefix space and stop tokens as from
+    AutoTokenizer, which vLLM's own grammars are built from."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from runners.xgr import TokenizerInfo
+
+    infos = [
+        TokenizerInfo.from_huggingface(kind.from_pretrained(tiny_tokenizer_dir))
+        for kind in (AutoTokenizer, PreTrainedTokenizerFast)
+    ]
+    for field in ("vocab_type", "vocab_size", "add_prefix_space", "stop_token_ids",
+                  "decoded_vocab"):  # fmt: skip
+        assert getattr(infos[0], field) == getattr(infos[1], field), field
