@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from contract.engine import GREEDY_BELOW, EngineStats, Series, check_prompt
 from contract.errors import EngineBusyError, EngineClosedError, EngineRequestError
 from contract.tokens import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
-from runners.kv_blocks import Allocation, BlockPool, chain_hashes
+from runners.kv_blocks import Allocation, BlockPool, chain_hashes, common_prefix
 from runners.settings import (
     DEFAULT_CPU_KV_GIB,
     DEVICE_LIMITS,
@@ -104,16 +104,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two token lists share."""
-    n = 0
-    for x, y in zip(a, b):  # noqa: B905 - they differ in length
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _put_all(items: list[tuple[_Request, GenerationChunk]]) -> None:
@@ -708,13 +698,14 @@ class GenerationEngine:
             if found < len(hashes) and hashes[found] in computing:
                 return False
         model = self.batch_model
-        if hasattr(model, "reuse") and self._prefix_caching and self._shares_a_prefill(request):
+        keeps_prefixes = hasattr(model, "reuse")  # a model that keeps them itself (llama.cpp)
+        if keeps_prefixes and self._prefix_caching and self._shares_a_prefill(request):
             return False
         alloc = pool.admit(request.prompt_ids, request.max_length, hashes)
         if alloc is None:
             return False
         request.alloc = alloc
-        if hasattr(model, "reuse"):  # a model that keeps prefixes itself (llama.cpp's KV)
+        if keeps_prefixes:
             slot = model.choose_slot(self._free_slots, request.prompt_ids)
             self._free_slots.remove(slot)
             if self._prefix_caching:
@@ -738,7 +729,7 @@ class GenerationEngine:
         gets the same from the block hashes of prompts in flight, above.)"""
         for other in self._running:
             if other.prefilling:
-                common = _common_prefix(other.prompt_ids, request.prompt_ids)
+                common = common_prefix(other.prompt_ids, request.prompt_ids)
                 if common - other.length >= _WAIT_FOR_SHARED_TOKENS:
                     return True
         return False

@@ -25,6 +25,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from contract.prefix import chain_hashes
 
 NULL_BLOCK = 0
@@ -196,3 +198,12 @@ class BlockPool:
         if digest is not None:
             del self._cached[digest]
         return block
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token sequences share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

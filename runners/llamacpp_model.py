@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runners.kv_blocks import common_prefix
 from runners.work import Work
 
 logger = logging.getLogger(__name__)
@@ -228,10 +229,10 @@ class LlamaCppModel:
         the others stay)."""
         best, best_len = None, 0
         for slot in free:
-            common = _common(self._held[slot], prompt_ids)
+            common = common_prefix(self._held[slot], prompt_ids)
             if common > best_len:
                 best, best_len = slot, common
-        donor_len = max((_common(self._held[s], prompt_ids) for s in self._live), default=0)
+        donor_len = max((common_prefix(self._held[s], prompt_ids) for s in self._live), default=0)
         if best is not None and best_len >= donor_len:
             return best
         return min(free, key=lambda s: (len(self._held[s]), s))
@@ -240,11 +241,11 @@ class LlamaCppModel:
         """Make ``slot`` hold the longest prefix of ``prompt_ids`` (all but its last token,
         whose logits are needed) any sequence holds; return its length."""
         limit = len(prompt_ids) - 1
-        own = min(_common(self._held[slot], prompt_ids), limit)
+        own = min(common_prefix(self._held[slot], prompt_ids), limit)
         donor, donor_len = slot, own
         for other in range(self.max_slots):
             if other != slot:
-                common = min(_common(self._held[other], prompt_ids), limit)
+                common = min(common_prefix(self._held[other], prompt_ids), limit)
                 if common > donor_len:
                     donor, donor_len = other, common
         lib, memory = self._lib, self._memory
@@ -276,17 +277,6 @@ class LlamaCppModel:
         if getattr(self, "_model", None):
             self._lib.llama_model_free(self._model)
             self._model = None
-
-
-def _common(held: list[int], prompt: list[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = min(len(held), len(prompt))
-    if n == 0:
-        return 0
-    a = np.asarray(held[:n])
-    b = np.asarray(prompt[:n])
-    diff = np.flatnonzero(a != b)
-    return int(diff[0]) if diff.size else n
 
 
 def load_engine(

@@ -84,7 +84,6 @@ def _import() -> ModuleType:
 xgrammar = _import()
 _base = importlib.import_module("xgrammar.base")
 GrammarCompiler = importlib.import_module("xgrammar.compiler").GrammarCompiler
-CompiledGrammar = importlib.import_module("xgrammar.compiler").CompiledGrammar
 TokenizerInfo = importlib.import_module("xgrammar.tokenizer_info").TokenizerInfo
 
 
@@ -125,16 +124,15 @@ class _HostMatcher(_base.XGRObject):
         return list(self._handle.stop_token_ids())
 
 
-def new_matcher(compiled: Any, *, override_stop_tokens: list[int] | None = None) -> Any:
-    """A grammar matcher: xgrammar's own where its package is whole, else :class:`_HostMatcher`."""
-    whole = vars(xgrammar).get("GrammarMatcher")
-    kind = whole if whole is not None else _HostMatcher
-    return kind(compiled, override_stop_tokens=override_stop_tokens)
-
-
 def torch_free() -> bool:
     """Whether xgrammar was put together without torch in this process (and still is)."""
-    return "GrammarMatcher" not in vars(xgrammar)
+    return "GrammarMatcher" not in vars(xgrammar)  # vars: asking would complete it
+
+
+def new_matcher(compiled: Any, *, override_stop_tokens: list[int] | None = None) -> Any:
+    """A grammar matcher: xgrammar's own where its package is whole, else :class:`_HostMatcher`."""
+    kind = _HostMatcher if torch_free() else xgrammar.GrammarMatcher
+    return kind(compiled, override_stop_tokens=override_stop_tokens)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> np.ndarray:
