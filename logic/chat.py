@@ -313,6 +313,42 @@ class CompletionService:
         runner batches them); ``(choice, None, [])`` when a choice is done. Closing this
         closes every choice's runner stream. Records the generation's metrics and logs it."""
         metrics = GenerationMetrics(len(prepared.prompt_ids))
+        if len(choices) == 1:  # the common case: no task and no queue between the two
+            pieces = self._one_choice(prepared, choices[0], metrics)
+        else:
+            pieces = self._all_choices(prepared, choices, metrics)
+        outcome = "cancelled"  # unless it finishes or fails: the consumer left early
+        try:
+            async for item in pieces:
+                yield item
+            outcome = "finished"
+        except GenerationTimeoutError:
+            outcome = "timeout"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            # Recorded before the first await: a cancelled task (the client left) may be
+            # cancelled again at each await that follows.
+            if outcome in ("cancelled", "timeout"):
+                metrics.cancelled("client_left" if outcome == "cancelled" else "timeout")
+            _log_generation(prepared, choices, metrics, outcome)
+            await pieces.aclose()
+
+    async def _one_choice(
+        self, prepared: PreparedPrompt, choice: _Choice, metrics: GenerationMetrics
+    ) -> AsyncIterator[tuple[_Choice, str | None, list[TokenLogprobEntry]]]:
+        async with contextlib.aclosing(self._pieces(prepared, choice, metrics)) as pieces:
+            async for text, entries in pieces:
+                yield choice, text, entries
+        yield choice, None, []
+
+    async def _all_choices(
+        self, prepared: PreparedPrompt, choices: list[_Choice], metrics: GenerationMetrics
+    ) -> AsyncIterator[tuple[_Choice, str | None, list[TokenLogprobEntry]]]:
+        """The choices' pieces in the order they come, each choice pumped by a task of its
+        own; a choice's failure is raised here. Closing this cancels the tasks."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: _Choice) -> None:
@@ -328,24 +364,16 @@ class CompletionService:
                 queue.put_nowait(exc)
 
         tasks = [asyncio.create_task(pump(choice)) for choice in choices]
-        outcome = "cancelled"  # unless it finishes or fails: the consumer left early
         try:
             remaining = len(choices)
             while remaining:
                 item = await queue.get()
                 if isinstance(item, Exception):
-                    outcome = "timeout" if isinstance(item, GenerationTimeoutError) else "error"
                     raise item
                 if item[1] is None:
                     remaining -= 1
                 yield item
-            outcome = "finished"
         finally:
-            # Recorded before the first await: a cancelled task (the client left) may be
-            # cancelled again at each await that follows.
-            if outcome in ("cancelled", "timeout"):
-                metrics.cancelled("client_left" if outcome == "cancelled" else "timeout")
-            _log_generation(prepared, choices, metrics, outcome)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

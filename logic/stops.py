@@ -35,11 +35,16 @@ class StopStringMatcher:
         return "" if self.stopped else text
 
     def _longest_partial_match(self, buffer: str) -> int:
-        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
-        best = 0
+        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string.
+
+        Only the places in the buffer's tail where a stop string's first character stands
+        can start one: most pieces have none, and cost a ``find`` per stop string."""
+        best, size = 0, len(buffer)
         for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(buffer)), best, -1):
-                if buffer.endswith(stop[:size]):
-                    best = size
+            at = buffer.find(stop[0], max(0, size - len(stop) + 1))
+            while at != -1 and size - at > best:
+                if stop.startswith(buffer[at:]):
+                    best = size - at  # the earliest start is this stop's longest
                     break
+                at = buffer.find(stop[0], at + 1)
         return best

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logic.cleanup import OutputCleaner
 from logic.stops import StopStringMatcher
@@ -94,6 +96,32 @@ def test_overlapping_stop_prefixes_are_held_until_decided():
     assert matcher.push("c") == ""
     assert matcher.push("x!") == "a"  # "bcx" matched
     assert matcher.stopped
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stops=st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=5), max_size=3),
+    pieces=st.lists(st.text(alphabet="ab#\nc", max_size=6), max_size=8),
+)
+def test_streamed_stops_give_what_the_whole_text_gives_and_hold_no_more_than_a_prefix(
+    stops, pieces
+):
+    """Whatever the pieces: the text emitted is the whole text up to its earliest stop
+    string, and what is held back after a piece is exactly the longest tail that could
+    still begin a stop string."""
+    matcher = StopStringMatcher(stops)
+    seen = ""
+    for piece in pieces:
+        seen += piece
+        matcher.push(piece)
+        if not matcher.stopped:
+            longest = max(
+                (k for s in stops for k in range(1, len(s)) if seen.endswith(s[:k])), default=0
+            )
+            assert len(matcher._pending) == longest
+    out = feed(StopStringMatcher(stops), pieces)
+    hits = [i for i in (seen.find(s) for s in stops if s) if i >= 0]
+    assert "".join(out) == (seen[: min(hits)] if hits else seen)
 
 
 def test_cleaner_streamed_equals_whole_and_strips_outer_whitespace():
