@@ -45,6 +45,7 @@ from runners.settings import (
     NativeEngineSettings,
     RunnerSettings,
 )
+from runners.streaming import StreamBuffer, StreamOptions, merge
 from runners.work import BatchModel, RowParams, Sampler, Work
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ _WAIT_FOR_SHARED_TOKENS = 64
 # Our engine's defaults: the settings class states them once (what load() is not given).
 _DEFAULTS = NativeEngineSettings.model_construct()
 _CLOSING = RunnerSettings.model_construct().closing()
+_STREAMING = RunnerSettings.model_construct().streaming()
 
 
 def kv_budget_bytes(
@@ -137,6 +139,7 @@ class _Request:
     seen: set[int] = field(default_factory=set)  # generated token ids, for the presence term
     cancelled: bool = False  # set by the consumer, from its event loop's thread
     finished: bool = False
+    buffer: StreamBuffer | None = None  # its tokens until they are due (runners.streaming)
 
     @property
     def prefilling(self) -> bool:
@@ -189,6 +192,7 @@ class GenerationEngine:
         prefix_caching: bool = True,
         tokenizer_dir: str | Path | None = None,
         closing: ClosingOptions = _CLOSING,
+        streaming: StreamOptions = _STREAMING,
         name: str = "native",
     ):
         """Start the scheduler thread; it calls ``build`` and warms the model up before this
@@ -214,6 +218,7 @@ class GenerationEngine:
         self._prefix_caching = prefix_caching
         self._tokenizer_dir = tokenizer_dir  # for structured outputs' grammars
         self._closing = closing
+        self._streaming = streaming
         self._grammars: Any = None
         self._pending: collections.deque[_Request] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -285,6 +290,7 @@ class GenerationEngine:
         prefix_caching: bool = _DEFAULTS.prefix_caching,
         simulated_answer_tokens: int = _DEFAULTS.simulated_answer_tokens,
         closing: ClosingOptions = _CLOSING,
+        streaming: StreamOptions = _STREAMING,
     ) -> GenerationEngine:
         """Our engine on a model directory; each option is the setting of the same name
         (:class:`runners.settings.NativeEngineSettings`, ``RunnerSettings``), defaults
@@ -306,6 +312,7 @@ class GenerationEngine:
                 kv_block_size=kv_block_size,
                 prefix_caching=prefix_caching,
                 answer_tokens=simulated_answer_tokens,
+                streaming=streaming,
             )
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -339,6 +346,7 @@ class GenerationEngine:
             prefix_caching=prefix_caching,
             tokenizer_dir=path,
             closing=closing,
+            streaming=streaming,
         )
         pool = engine.blocks
         logger.info(
@@ -363,6 +371,7 @@ class GenerationEngine:
         kv_block_size: int,
         prefix_caching: bool,
         answer_tokens: int,
+        streaming: StreamOptions = _STREAMING,
     ) -> GenerationEngine:
         """The engine on the SIMULATED accelerator, with a GPU's default limits."""
         import torch
@@ -389,6 +398,7 @@ class GenerationEngine:
             max_in_flight=max_in_flight,
             prefix_caching=prefix_caching,
             tokenizer_dir=path,
+            streaming=streaming,
         )
 
     @property
@@ -433,6 +443,7 @@ class GenerationEngine:
                 self.blocks.capacity_tokens,
             ),
             token_ids=list(prompt_ids),
+            buffer=StreamBuffer(self._streaming) if self._streaming.interval > 1 else None,
         )
 
     async def stream(
@@ -457,32 +468,23 @@ class GenerationEngine:
         first = True
         try:
             while True:
+                chunks: list[GenerationChunk] = []
                 item = await request.queue.get()
-                ids: list[int] = []
-                logprobs: list[TokenLogprob] | None = None
-                finish: FinishReason | None = None
                 while True:
                     if isinstance(item, BaseException):
                         raise item
-                    ids += item.token_ids
-                    if item.logprobs is not None:
-                        logprobs = (logprobs or []) + item.logprobs
-                    finish, closed = item.finish_reason, item.closed
-                    if finish is not None or request.queue.empty():
+                    chunks.append(item)
+                    if item.finish_reason is not None or request.queue.empty():
                         break
                     item = request.queue.get_nowait()
-                # The first chunk says how much of the prompt the prefix cache held (the
-                # request was admitted, its blocks looked up, before any token came).
-                cached = request.alloc.cached_tokens if first and request.alloc else None
-                first = False
-                yield GenerationChunk(
-                    token_ids=ids,
-                    finish_reason=finish,
-                    logprobs=logprobs,
-                    cached_tokens=cached,
-                    closed=closed,
-                )
-                if finish is not None:
+                chunk = merge(chunks)
+                if first:
+                    # The first chunk says how much of the prompt the prefix cache held (the
+                    # request was admitted, its blocks looked up, before any token came).
+                    chunk.cached_tokens = request.alloc.cached_tokens if request.alloc else None
+                    first = False
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
         finally:
             if not request.finished:
@@ -848,16 +850,17 @@ class GenerationEngine:
         request.next_token = token
         if finish is not None:  # out of the batch before the consumer hears it is done
             self._finish(request, cancelled=False)
-        self._outbox.setdefault(request.loop, []).append(
-            (
-                request,
-                GenerationChunk(
-                    token_ids=[token],
-                    finish_reason=finish,
-                    logprobs=None if logprob is None else [logprob],
-                ),
-            )
+        chunk = GenerationChunk(
+            token_ids=[token], finish_reason=finish, logprobs=None if logprob is None else [logprob]
         )
+        self._hand_on(request, chunk)
+
+    def _hand_on(self, request: _Request, chunk: GenerationChunk) -> None:
+        """Into this step's outbox: the chunk, with those held before it, once they are due
+        (runners.streaming); until then, held."""
+        due = [chunk] if request.buffer is None else request.buffer.add(chunk, time.perf_counter())
+        if due:
+            self._outbox.setdefault(request.loop, []).extend((request, c) for c in due)
 
     def _close_answer(
         self, request: _Request, token: int | None, logprob: TokenLogprob | None, verdict: Any
@@ -879,7 +882,7 @@ class GenerationEngine:
         chunk = GenerationChunk(
             token_ids=tokens, finish_reason="stop", logprobs=entries, closed=verdict.why
         )
-        self._outbox.setdefault(request.loop, []).append((request, chunk))
+        self._hand_on(request, chunk)
 
     def _finish(self, request: _Request, *, cancelled: bool) -> None:
         """Take the request out of the batch and give its slot back."""

@@ -110,6 +110,7 @@ def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> Genera
         block_size=native.kv_block_size,
         prefix_caching=native.prefix_caching,
         closing=settings.closing(),
+        streaming=settings.streaming(),
     )
 
 
@@ -151,6 +152,7 @@ def _native_engine(
         prefix_caching=native.prefix_caching,
         simulated_answer_tokens=native.simulated_answer_tokens,
         closing=settings.closing(),
+        streaming=settings.streaming(),
     )
 
 

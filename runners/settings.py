@@ -17,6 +17,7 @@ from pydantic import Field
 
 from contract.prefix import DEFAULT_BLOCK_SIZE
 from contract.settings import CommonSettings, LLMSettings, settings_of
+from runners.streaming import StreamOptions
 
 # KV memory on a CPU unless set, for either engine: host memory, shared with all else there.
 DEFAULT_CPU_KV_GIB = 2.0
@@ -93,8 +94,28 @@ class RunnerSettings(CommonSettings):
         "unchanged.",
     )
 
+    # How a stream's tokens are handed on (runners/streaming.py), whichever engine runs.
+    stream_interval: int = Field(
+        2,
+        ge=1,
+        description="Tokens per streamed chunk at most: a stream's tokens go to the API (and "
+        "so to the client's SSE events) this many at a time, except the first and the last, "
+        "which go at once. Each chunk costs a pass through both services and a wake-up of "
+        "the client whatever it carries; on a CPU host those preempt the model's threads. "
+        "1: every token as it comes.",
+    )
+    stream_max_delay_ms: float = Field(
+        50.0,
+        ge=0,
+        description="The longest a token waits for the ones it is sent with: at slower steps "
+        "than this, every token goes as it comes.",
+    )
+
     def closing(self) -> ClosingOptions:
         return ClosingOptions(self.structured_close, self.structured_loop_tokens)
+
+    def streaming(self) -> StreamOptions:
+        return StreamOptions(self.stream_interval, self.stream_max_delay_ms / 1000)
 
 
 @dataclass(frozen=True)

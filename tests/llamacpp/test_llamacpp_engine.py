@@ -25,6 +25,7 @@ def _engine(**overrides):
         threads=None, max_batch_size=8, max_batch_tokens=512, max_in_flight=None,
         kv_tokens=None, block_size=16, prefix_caching=True,
         closing=RunnerSettings.model_construct().closing(),
+        streaming=RunnerSettings.model_construct().streaming(),
     )  # fmt: skip
     options.update(overrides)
     return load_engine(store_entry(), **options)
@@ -100,6 +101,26 @@ def _next_token(engine, ids, k: int = 5) -> list[tuple[int, float]]:
 
     (entry,) = asyncio.run(one())
     return list(entry.top)
+
+
+def test_prompts_seen_a_few_requests_before_are_found_whole(tokenizer):
+    """Every kept sequence starts with the same system prompt; a new prompt takes a slot that
+    loses nothing (an empty one) rather than the last one that shares that head, so each of
+    several prompts sent before is still found whole when it comes again (all but its last
+    token reused), as llama-server finds it in its slots."""
+    system = "You are a helpful AI assistant."
+    engine = _engine()
+    try:
+        prompts = [_prompt(tokenizer, f"Explain {topic} in detail.", system)
+                   for topic in ("photosynthesis", "the rules of chess", "how a bicycle works",
+                                 "the water cycle")]  # fmt: skip
+        for ids in prompts:
+            _answer(engine, ids, _greedy(6))
+        for ids in prompts:
+            _, cached, _ = _answer(engine, ids, _greedy(6))
+            assert cached == len(ids) - 1
+    finally:
+        engine.close()
 
 
 def test_a_shared_prefix_is_reused_from_llamacpps_cells(tokenizer):
