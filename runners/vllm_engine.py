@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from contract.tokens import MAX_TOP_LOGPROBS, FinishReason, GenerationChunk, Sam
 from contract.tokens import TokenLogprob as OurLogprob
 from runners import orphans
 from runners.settings import DEFAULT_CPU_KV_GIB, ClosingOptions, RunnerSettings, VLLMSettings
+from runners.streaming import StreamBuffer, StreamOptions, merge
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ class VLLMEngine:
         *,
         max_in_flight: int | None = None,
         closing: ClosingOptions | None = None,
+        streaming: StreamOptions | None = None,
         tokenizer_dir: str | Path | None = None,
     ) -> None:
         self._engine = engine
@@ -237,6 +240,8 @@ class VLLMEngine:
         # Constrained answers closed within their budget (runners/closing.py): vLLM's grammar
         # matchers are out of reach, so the guard follows the answer on a matcher of its own.
         self._closing = closing
+        # A few tokens a chunk to the API (runners/streaming.py): vLLM yields every step.
+        self._streaming = streaming or StreamOptions()
         self._tokenizer_dir = tokenizer_dir
         self._grammars: Any = None
 
@@ -263,6 +268,7 @@ class VLLMEngine:
             step_stats,
             max_in_flight=settings.runner_max_in_flight,
             closing=settings.closing(),
+            streaming=settings.streaming(),
             tokenizer_dir=path,
         )
         # vLLM's engine core does not watch its parent: if the runner is killed outright,
@@ -336,6 +342,7 @@ class VLLMEngine:
             {"prompt_token_ids": list(prompt_ids)}, sampling, f"llm-{next(self._ids)}"
         )
         ended, first = False, True
+        held = StreamBuffer(self._streaming) if self._streaming.interval > 1 else None
         try:
             # aclosing: leaving early closes vLLM's generator, which aborts the request.
             async with contextlib.aclosing(outputs):
@@ -355,6 +362,11 @@ class VLLMEngine:
                     if chunk.finish_reason is not None:
                         ended = True
                         self.stats.finished += 1
+                    if held is not None:  # the last chunk always brings out those held
+                        due = held.add(chunk, time.perf_counter())
+                        if not due:
+                            continue
+                        chunk = merge(due)
                     yield chunk
                     if ended:
                         return
