@@ -123,6 +123,29 @@ def test_prompts_seen_a_few_requests_before_are_found_whole(tokenizer):
         engine.close()
 
 
+def test_finished_sequences_kept_stay_within_their_budget_the_least_recent_going_first(
+    tokenizer,
+):
+    """Kept cells slow every step (its attention spans them), so finished sequences are
+    kept up to ``keep_tokens``: the latest prompt is still found whole, the oldest is not."""
+    system = "You are a helpful AI assistant."
+    engine = _engine(keep_tokens=80)
+    try:
+        model = engine.batch_model
+        prompts = [_prompt(tokenizer, f"Explain {topic} in detail.", system)
+                   for topic in ("photosynthesis", "the rules of chess", "how a bicycle works",
+                                 "the water cycle")]  # fmt: skip
+        for ids in prompts:
+            _answer(engine, ids, _greedy(6))
+            assert sum(len(held) for held in model._held) <= 80
+        _, cached_last, _ = _answer(engine, prompts[-1], _greedy(6))
+        _, cached_first, _ = _answer(engine, prompts[0], _greedy(6))
+        assert cached_last == len(prompts[-1]) - 1
+        assert cached_first < len(prompts[0]) - 1
+    finally:
+        engine.close()
+
+
 def test_a_shared_prefix_is_reused_from_llamacpps_cells(tokenizer):
     """The second prompt computes only what follows the shared system prompt, and the KV it
     reuses is the KV it would have computed: the same next-token distribution as a fresh
