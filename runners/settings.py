@@ -107,8 +107,9 @@ class RunnerSettings(CommonSettings):
     stream_max_delay_ms: float = Field(
         50.0,
         ge=0,
-        description="The longest a token waits for the ones it is sent with: at slower steps "
-        "than this, every token goes as it comes.",
+        description="Tokens are held for the ones they are sent with only while the oldest "
+        "one held is younger than this; a held token goes with the next one, so it waits "
+        "one step more (at the default interval of 2, one step whatever the step's length).",
     )
 
     def closing(self) -> ClosingOptions:

@@ -7,9 +7,11 @@ host where the model shares its cores with that work (llama.cpp on a CPU), each 
 preempts one of the model's threads mid-step; on a GPU host they are the API's CPU bill. So
 a stream's tokens go out ``interval`` at a time (SGLang's and vLLM's ``stream_interval``),
 with two exceptions that keep it responsive: the first token goes at once (time to first
-token is unchanged), the last at once (so is the answer's end), and none is held longer
-than ``max_delay`` seconds (at slow steps, every step's token goes as it comes). At 1 token
-per chunk the API's SSE events are token by token, as before.
+token is unchanged), and the last at once (so is the answer's end). Tokens are held only
+while the oldest one held is younger than ``max_delay`` seconds; a held token goes with the
+next one, so it waits one step more. (At an interval of 2 that means one step whatever the
+step's length: ``max_delay`` bounds only longer intervals.) At 1 token per chunk the API's
+SSE events are token by token, as before.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class StreamOptions:
     """``LLM_STREAM_INTERVAL`` and ``LLM_STREAM_MAX_DELAY_MS`` (runners/settings.py)."""
 
     interval: int = 1  # tokens per chunk at most (1: every token as it comes)
-    max_delay: float = 0.05  # seconds a token may wait for the ones it goes with
+    max_delay: float = 0.05  # seconds past which held tokens hold no more (see the module)
 
 
 class StreamBuffer:
