@@ -107,9 +107,10 @@ class RunnerSettings(CommonSettings):
     stream_max_delay_ms: float = Field(
         50.0,
         ge=0,
-        description="Tokens are held for the ones they are sent with only while the oldest "
-        "one held is younger than this; a held token goes with the next one, so it waits "
-        "one step more (at the default interval of 2, one step whatever the step's length).",
+        description="Longest a token waits for the ones it is sent with, in milliseconds: "
+        "a token is held only if the next one, expected a step (as long as the last) later, "
+        "would still come within this. At steps longer than this, every token goes as it "
+        "comes.",
     )
 
     def closing(self) -> ClosingOptions:

@@ -34,12 +34,34 @@ def test_the_last_token_goes_at_once_with_those_held_before_it():
     assert [c.token_ids[0] for c in due] == [2, 3] and due[-1].finish_reason == "stop"
 
 
-def test_no_token_waits_longer_than_the_delay():
+def test_tokens_are_held_only_while_the_next_step_would_still_come_within_the_delay():
     buffer = StreamBuffer(StreamOptions(interval=8, max_delay=0.05))
     buffer.add(chunk(1), now=0.0)
-    assert buffer.add(chunk(2), now=0.10) == []  # held from 0.10
-    assert buffer.add(chunk(3), now=0.14) == []
-    assert [c.token_ids[0] for c in buffer.add(chunk(4), now=0.16)] == [2, 3, 4]
+    assert buffer.add(chunk(2), now=0.01) == []  # held from 0.01, the next due about 0.02
+    assert buffer.add(chunk(3), now=0.02) == []
+    assert buffer.add(chunk(4), now=0.03) == []
+    assert buffer.add(chunk(5), now=0.04) == []  # the next at 0.05 finds 2 held 40 ms
+    # at 0.05 the next (0.06) would find 2 held 50 ms: all go now
+    assert [c.token_ids[0] for c in buffer.add(chunk(6), now=0.05)] == [2, 3, 4, 5, 6]
+
+
+def test_at_steps_longer_than_the_delay_every_token_goes_as_it_comes():
+    buffer = StreamBuffer(StreamOptions(interval=2, max_delay=0.05))
+    sent = [buffer.add(chunk(t), now=t * 0.06) for t in range(1, 6)]
+    assert [[c.token_ids[0] for c in due] for due in sent] == [[1], [2], [3], [4], [5]]
+
+
+def test_a_slow_step_after_fast_ones_sends_what_is_held():
+    buffer = StreamBuffer(StreamOptions(interval=4, max_delay=0.05))
+    buffer.add(chunk(1), now=0.0)
+    assert buffer.add(chunk(2), now=0.01) == []
+    assert [c.token_ids[0] for c in buffer.add(chunk(3), now=0.08)] == [2, 3]
+
+
+def test_options_default_to_the_settings_defaults():
+    from runners.settings import RunnerSettings
+
+    assert StreamOptions() == RunnerSettings.model_construct().streaming()
 
 
 def test_one_token_per_chunk_hands_every_token_on_as_it_comes():
