@@ -553,7 +553,8 @@ class GenerationEngine:
                        "The simulated accelerator's busy time (its latency model).",
                        round(self.batch_model.device_seconds, 6)),
             ]  # fmt: skip
-        return simulated + [
+        own = getattr(self.batch_model, "extra_metrics", None)  # the model's own (llama.cpp)
+        return simulated + (own() if own else []) + [
             Series("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.",
                    round(pool.used_blocks / total, 6)),
             Series("kv_cache_blocks", "gauge", "KV blocks in the memory budget.", total),

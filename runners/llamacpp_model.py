@@ -16,7 +16,10 @@ The KV cache is llama.cpp's, one sequence id per batch slot, unified (``kv_unifi
 sequences share cells: a prompt that starts like a sequence already in the cache (running,
 or finished and not yet overwritten) gets that prefix by ``llama_memory_seq_cp``, which adds
 a sequence id to the cells and copies nothing (:meth:`reuse`). A slot keeps its finished
-sequence's KV until the slot is reused or the cells are needed (:meth:`_make_room`).
+sequence's KV until the slot is reused, the cells are needed (:meth:`_make_room`) or the
+finished sequences kept pass their budget. Then it is saved to host memory
+(:mod:`runners.host_cache`, ``llama_state_seq_get_data``), and a later prompt that starts the
+same way gets it back by a copy (``llama_state_seq_set_data``) instead of computing it again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.engine import Series
+from runners.host_cache import HostPromptCache
 from runners.kv_blocks import common_prefix
 from runners.work import Work
 
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _F16_BYTES = 2  # llama.cpp's KV cells are f16 unless told otherwise
 _KEPT_SHARE = 0.25  # of a decode step's weight work, what kept cells may add by default
+_HOST_CACHE_MAX = 8 << 30  # default host memory for saved sequences at most (llama-server's)
 _init_lock = threading.Lock()
 _backend_ready = False
 
@@ -115,6 +121,7 @@ class LlamaCppModel:
         threads: int | None = None,
         flash_attention: bool = True,
         keep_tokens: int | None = None,
+        host_cache_bytes: int = 0,
     ):
         global _backend_ready
         try:
@@ -144,14 +151,17 @@ class LlamaCppModel:
         kv_heads = lib.llama_model_n_head_kv(self._model)
         head_dim = lib.llama_model_n_embd(self._model) // heads
         self._per_token = layers * 2 * kv_heads * head_dim * _F16_BYTES
-        # Finished sequences kept for prefix reuse: each decode step's attention spans the
-        # cells in use (up to the highest), so by default they may cost a quarter of the
-        # step's weight work: a cell costs about 2 x heads x head_dim per layer, a step about
-        # one multiply-add per weight. Measured on SmolLM2-135M: 16 kept sequences of 144
-        # tokens made a decode 13.9 ms a token, 6 of them 10.8 to 12.1.
+        # Finished sequences kept in the cells for prefix reuse: each decode step's attention
+        # spans the cells in use (up to the highest), so kept cells slow every step. With
+        # host memory to save them to (and copy them back from in a millisecond), none are
+        # kept by default: measured served, 1 client, SmolLM2-135M, 2 cores, 973 kept tokens
+        # made a decode 14.2 ms a token, none 12.0. Without it, they may cost a quarter of
+        # the step's weight work: a cell costs about 2 x heads x head_dim per layer, a step
+        # about one multiply-add per weight (973 tokens for SmolLM2-135M).
         per_cell = layers * heads * head_dim * 2
         self.keep_tokens = (
             keep_tokens if keep_tokens is not None
+            else 0 if host_cache_bytes
             else int(_KEPT_SHARE * lib.llama_model_n_params(self._model) / per_cell)
         )  # fmt: skip
         cells = kv_tokens or self.context_length
@@ -181,8 +191,11 @@ class LlamaCppModel:
         self._held: list[list[int]] = [[] for _ in range(max_slots)]
         self._live: set[int] = set()
         self._last_used = [0] * max_slots  # when each slot last took a prompt (a counter)
+        self._prompt_len = [0] * max_slots  # how much of each sequence was its prompt
         self._uses = 0
         self.reused_tokens = 0
+        self.host = HostPromptCache(host_cache_bytes, block_size) if host_cache_bytes else None
+        self._state = lib.LLAMA_STATE_SEQ_FLAGS_NONE
 
     # -- BatchModel ------------------------------------------------------------------------
 
@@ -244,8 +257,31 @@ class LlamaCppModel:
             if total <= self.keep_tokens:
                 break
             total -= len(self._held[old])
-            self._lib.llama_memory_seq_rm(self._memory, old, -1, -1)
-            self._held[old] = []
+            self._drop(old)
+
+    def extra_metrics(self) -> list[Series]:
+        """The host-memory cache's series (the engine adds them to its own)."""
+        host = self.host
+        if host is None:
+            return []
+        return [
+            Series("host_cache_bytes", "gauge",
+                   "Host memory held by finished sequences' saved KV.", host.bytes),
+            Series("host_cache_budget_bytes", "gauge",
+                   "Host memory the saved KV may hold (LLM_LLAMACPP_HOST_CACHE_MIB).",
+                   host.budget),
+            Series("host_cache_sequences", "gauge", "Finished sequences saved.", len(host)),
+            Series("host_cache_saved_total", "counter",
+                   "Finished sequences saved as they left the cells.", host.stats.saved),
+            Series("host_cache_evicted_total", "counter",
+                   "Saved sequences dropped for the budget.", host.stats.evicted),
+            Series("host_cache_restores_total", "counter",
+                   "Prompts whose prefix was copied back from host memory.",
+                   host.stats.restores),
+            Series("host_cache_restored_tokens_total", "counter",
+                   "Prompt tokens copied back from host memory (not computed).",
+                   host.stats.restored_tokens),
+        ]  # fmt: skip
 
     # -- prefix reuse (the engine asks at admission) ----------------------------------------
 
@@ -277,7 +313,8 @@ class LlamaCppModel:
 
     def reuse(self, slot: int, prompt_ids: list[int]) -> int:
         """Make ``slot`` hold the longest prefix of ``prompt_ids`` (all but its last token,
-        whose logits are needed) any sequence holds; return its length."""
+        whose logits are needed) any sequence holds, in the cells or saved in host memory;
+        return its length."""
         limit = len(prompt_ids) - 1
         own = min(common_prefix(self._held[slot], prompt_ids), limit)
         donor, donor_len = slot, own
@@ -286,6 +323,15 @@ class LlamaCppModel:
                 common = min(common_prefix(self._held[other], prompt_ids), limit)
                 if common > donor_len:
                     donor, donor_len = other, common
+        if len(self._held[slot]) > own:  # the slot's kept sequence goes: to host memory first
+            self._save(slot)
+        restored = self._restore(slot, prompt_ids, limit, better_than=donor_len)
+        self._prompt_len[slot] = len(prompt_ids)
+        if restored > 0:
+            return restored
+        if restored < 0:  # the slot was emptied for a copy that found no room
+            own = 0
+            donor_len = 0 if donor == slot else donor_len
         lib, memory = self._lib, self._memory
         if donor == slot:
             lib.llama_memory_seq_rm(memory, slot, own, -1)
@@ -296,7 +342,56 @@ class LlamaCppModel:
         self.reused_tokens += donor_len
         return donor_len
 
+    # -- host memory (runners.host_cache) --------------------------------------------------
+
+    def _save(self, slot: int) -> None:
+        """Copy the finished sequence in ``slot`` to host memory, unless it is there already
+        (or too short to be worth it)."""
+        held, host = self._held[slot], self.host
+        if host is None or len(held) < self.block_size or host.covers(held):
+            return
+        lib = self._lib
+        size = lib.llama_state_seq_get_size_ext(self._ctx, slot, self._state)
+        if size > host.budget:
+            return
+        data = np.empty(size, dtype=np.uint8)
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if lib.llama_state_seq_get_data_ext(self._ctx, pointer, size, slot, self._state) == size:
+            host.add(held, data, self._prompt_len[slot] or None)
+
+    def _restore(self, slot: int, prompt_ids: list[int], limit: int, better_than: int) -> int:
+        """Copy into ``slot`` the saved sequence sharing the longest head with the prompt, if
+        it shares more than ``better_than`` tokens (what the cells hold); return the tokens it
+        gives (0: none; -1: none, and the slot was emptied for it, since the cells had no room
+        for the copy)."""
+        if self.host is None:
+            return 0
+        entry, common = self.host.find(prompt_ids)
+        common = min(common, limit)
+        if entry is None or common <= better_than:
+            return 0
+        self._drop(slot)
+        lib = self._lib
+        pointer = entry.data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        size = entry.data.nbytes
+        if lib.llama_state_seq_set_data_ext(self._ctx, pointer, size, slot, self._state) != size:
+            lib.llama_memory_seq_rm(self._memory, slot, -1, -1)  # no room: computed instead
+            return -1
+        lib.llama_memory_seq_rm(self._memory, slot, common, -1)
+        self._held[slot] = list(prompt_ids[:common])
+        self.host.stats.restores += 1
+        self.host.stats.restored_tokens += common
+        self.reused_tokens += common
+        return common
+
     # -- internals -------------------------------------------------------------------------
+
+    def _drop(self, slot: int) -> None:
+        """A finished sequence leaves the cells: to host memory first, where there is one."""
+        if self._held[slot]:
+            self._save(slot)
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._held[slot] = []
 
     def _decode(self, n: int) -> int:
         return self._lib.llama_decode(self._ctx, self._batch.struct(self._lib, n))
@@ -304,9 +399,8 @@ class LlamaCppModel:
     def _make_room(self) -> None:
         """Drop the KV kept for finished sequences (cells shared with a live one stay)."""
         for slot in range(self.max_slots):
-            if slot not in self._live and self._held[slot]:
-                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-                self._held[slot] = []
+            if slot not in self._live:
+                self._drop(slot)
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -315,6 +409,21 @@ class LlamaCppModel:
         if getattr(self, "_model", None):
             self._lib.llama_model_free(self._model)
             self._model = None
+
+
+def default_host_cache_bytes() -> int:
+    """A quarter of the memory this process may use (its cgroup's limit where it has one,
+    else the host's), at most 8 GiB (llama-server's default --cache-ram)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return min(total // 4, _HOST_CACHE_MAX)
 
 
 def load_engine(
@@ -330,6 +439,7 @@ def load_engine(
     closing,
     streaming,
     keep_tokens: int | None = None,
+    host_cache_mib: int | None = None,
 ):
     """Our engine over llama.cpp on the GGUF of a store entry (``LLM_ENGINE=llamacpp``)."""
     from runners.engine import GenerationEngine
@@ -343,11 +453,17 @@ def load_engine(
             "default model), or serve it with LLM_ENGINE=native"
         )
 
+    host_cache_bytes = (
+        0 if not prefix_caching  # nothing would look there
+        else default_host_cache_bytes() if host_cache_mib is None
+        else host_cache_mib << 20
+    )  # fmt: skip
+
     def build() -> LlamaCppModel:
         return LlamaCppModel(
             gguf, max_slots=max_batch_size, max_step_tokens=max_batch_tokens,
             kv_tokens=kv_tokens, block_size=block_size, threads=threads,
-            keep_tokens=keep_tokens,
+            keep_tokens=keep_tokens, host_cache_bytes=host_cache_bytes,
         )  # fmt: skip
 
     engine = GenerationEngine(
@@ -365,9 +481,10 @@ def load_engine(
     model = engine.batch_model
     logger.info(
         "Loaded %s on llama.cpp (%d threads): batch <= %d sequences / %d tokens per step, "
-        "KV %d cells (%.2f GiB), prefix reuse %s (finished sequences: %d tokens kept)",
+        "KV %d cells (%.2f GiB), prefix reuse %s (finished sequences: %d tokens kept in "
+        "the cells, then up to %d MiB in host memory)",
         gguf.name, model.threads, engine.max_batch_size, engine.max_batch_tokens,
         model.num_blocks * model.block_size, model.cache_bytes() / (1 << 30),
-        "on" if prefix_caching else "off", model.keep_tokens,
+        "on" if prefix_caching else "off", model.keep_tokens, host_cache_bytes >> 20,
     )  # fmt: skip
     return engine

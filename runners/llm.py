@@ -108,6 +108,7 @@ def _llamacpp_engine(model_path: str | Path, settings: RunnerSettings) -> Genera
         max_in_flight=settings.runner_max_in_flight,
         kv_tokens=llama.llamacpp_kv_tokens,
         keep_tokens=llama.llamacpp_keep_tokens,
+        host_cache_mib=llama.llamacpp_host_cache_mib,
         block_size=native.kv_block_size,
         prefix_caching=native.prefix_caching,
         closing=settings.closing(),

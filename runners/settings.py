@@ -254,9 +254,19 @@ class LlamaCppSettings(LLMSettings):
         None,
         ge=0,
         description="llama.cpp: tokens of finished sequences kept in the cells for later "
-        "prompts that start the same way (the least recently used go first). Each decode "
-        "step's attention spans the cells in use, so kept ones slow every step. Default: as "
-        "many as cost a quarter of a step's weight work (973 for SmolLM2-135M); 0: none.",
+        "prompts that start the same way (the least recently used go first; past this they "
+        "go to host memory, LLM_LLAMACPP_HOST_CACHE_MIB). Each decode step's attention spans "
+        "the cells in use, so kept ones slow every step. Default: 0 with host memory to go "
+        "to, else as many as cost a quarter of a step's weight work (973 for SmolLM2-135M).",
+    )
+    llamacpp_host_cache_mib: int | None = Field(
+        None,
+        ge=0,
+        description="llama.cpp: host memory, in MiB, for the KV of finished sequences that "
+        "left the cells: a later prompt that starts the same way gets that prefix back by a "
+        "copy instead of computing it (least recently used dropped first; llama-server's "
+        "--cache-ram). Default: a quarter of the memory this process may use (its cgroup's "
+        "limit, else the host's), at most 8192; 0: none.",
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from contract.errors import EngineBusyError, EngineRequestError
@@ -127,9 +128,10 @@ def test_finished_sequences_kept_stay_within_their_budget_the_least_recent_going
     tokenizer,
 ):
     """Kept cells slow every step (its attention spans them), so finished sequences are
-    kept up to ``keep_tokens``: the latest prompt is still found whole, the oldest is not."""
+    kept up to ``keep_tokens``: the latest prompt is still found whole, the oldest is not
+    (with no host memory to come back from)."""
     system = "You are a helpful AI assistant."
-    engine = _engine(keep_tokens=80)
+    engine = _engine(keep_tokens=80, host_cache_mib=0)
     try:
         model = engine.batch_model
         prompts = [_prompt(tokenizer, f"Explain {topic} in detail.", system)
@@ -142,6 +144,75 @@ def test_finished_sequences_kept_stay_within_their_budget_the_least_recent_going
         _, cached_first, _ = _answer(engine, prompts[0], _greedy(6))
         assert cached_last == len(prompts[-1]) - 1
         assert cached_first < len(prompts[0]) - 1
+    finally:
+        engine.close()
+
+
+def test_sequences_that_leave_the_cells_come_back_from_host_memory(tokenizer):
+    """With no finished sequence kept in the cells, each is saved to host memory as it
+    leaves them; sent again, a prompt gets all but its last token back from there."""
+    system = "You are a helpful AI assistant."
+    topics = ("photosynthesis", "the rules of chess", "the water cycle")
+    prompts = [_prompt(tokenizer, f"Explain {topic} in detail.", system) for topic in topics]
+    engine = _engine(keep_tokens=0)
+    try:
+        for ids in prompts:
+            _answer(engine, ids, _greedy(6))
+        assert all(not held for held in engine.batch_model._held)  # none kept in the cells
+        for ids in prompts:
+            _, cached, _ = _answer(engine, ids, _greedy(4))
+            assert cached == len(ids) - 1
+        metrics = samples(engine_metrics(engine))
+        assert metrics[("llm_runner_host_cache_restores_total", ())] >= 3
+        restored = metrics[("llm_runner_host_cache_restored_tokens_total", ())]
+        assert restored >= sum(len(ids) - 1 for ids in prompts)
+        assert metrics[("llm_runner_host_cache_bytes", ())] > 0
+    finally:
+        engine.close()
+
+
+def test_the_kv_copied_back_is_the_kv_saved(tokenizer):
+    """A sequence saved as it leaves the cells, copied back into another slot: its next
+    token's logits are the very ones computed while it was in the cells (same positions,
+    same cells' values)."""
+    from runners.llamacpp_model import LlamaCppModel, find_gguf
+    from runners.work import Work
+
+    model = LlamaCppModel(
+        find_gguf(store_entry()), max_slots=4, max_step_tokens=256, kv_tokens=2048,
+        block_size=16, keep_tokens=0, host_cache_bytes=64 << 20,
+    )  # fmt: skip
+    try:
+        ids = _prompt(tokenizer, "Explain photosynthesis in detail.", "Be brief.")
+        x, y = 791, 1090  # any two tokens
+        model.forward([Work(0, ids, 0)])
+        model.forward([Work(0, [x], len(ids))])
+        in_cells = model.forward([Work(0, [y], len(ids) + 1)])
+        model.release(0)  # kept: none, so it goes to host memory
+        assert model._held[0] == [] and model.host.covers(ids + [x, y])
+        slot = model.choose_slot([1, 2, 3], ids + [x, y, 5])
+        assert model.reuse(slot, ids + [x, y, 5]) == len(ids) + 2
+        model.reuse(slot, ids + [x, y])  # as far as y: it is computed again
+        copied_back = model.forward([Work(slot, [y], len(ids) + 1)])
+        assert np.array_equal(copied_back, in_cells)
+    finally:
+        model.close()
+
+
+def test_host_memory_keeps_within_its_budget(tokenizer):
+    """A budget of 1 MiB holds about 45 tokens of this model's KV (23 KB a token), one of
+    these sequences: the sequences saved never hold more than that, the oldest give way."""
+    engine = _engine(keep_tokens=0, host_cache_mib=1)
+    try:
+        words = ("yes", "no", "maybe")
+        prompts = [_prompt(tokenizer, f"Say {word}.", "Be brief.") for word in words]
+        for ids in prompts:
+            _answer(engine, ids, _greedy(4))
+            assert engine.batch_model.host.bytes <= 1 << 20
+        host = engine.batch_model.host
+        assert host.stats.saved == 3 and host.stats.evicted >= 1
+        _, cached, _ = _answer(engine, prompts[-1], _greedy(2))
+        assert cached == len(prompts[-1]) - 1  # the latest is still there
     finally:
         engine.close()
 
@@ -201,8 +272,9 @@ def test_prompts_that_arrive_together_compute_their_shared_part_once(tokenizer):
 def test_finished_sequences_cells_make_room_for_new_ones(tokenizer):
     """512 cells; three prompts of 142 tokens at once, whose cells stay once they finish
     (for a later prompt that starts the same way); then a 162-token prompt that starts like
-    none of them: there is no room until the kept cells are given up, and then there is."""
-    engine = _engine(kv_tokens=512, max_batch_size=4)
+    none of them: there is no room until the kept cells are given up (to host memory), and
+    then there is; the prompts given up come back from host memory."""
+    engine = _engine(kv_tokens=512, max_batch_size=4, keep_tokens=512)
     try:
         texts = [f"{w} rivers and mountains are beautiful. " * 20
                  for w in ("Apples", "Bridges", "Clouds", "Dragons")]  # fmt: skip
@@ -217,6 +289,8 @@ def test_finished_sequences_cells_make_room_for_new_ones(tokenizer):
         tokens, _, last = _answer(engine, prompts[3], _greedy(8))
         assert len(tokens) == 8 and last.finish_reason == "length"
         assert sum(len(h) for h in held) == len(prompts[3]) + 7  # the kept ones gave way
+        _, cached, _ = _answer(engine, prompts[0], _greedy(2))
+        assert cached == len(prompts[0]) - 1
         with pytest.raises(EngineRequestError) as caught:
             engine.validate([1] * 600, _greedy())
         assert caught.value.code == "context_length_exceeded"
