@@ -127,6 +127,23 @@ def test_runner_metrics_say_llamacpp_and_count_the_reused_prefix(llamacpp_split,
     assert grew("llm_runner_prefix_cache_hits_total") >= cached
 
 
+def test_prompts_asked_before_come_back_from_host_memory(llamacpp_split, client):
+    """No finished sequence stays in llama.cpp's cells by default (each would slow every
+    step): it goes to host memory, and a prompt asked again gets all but its last token back
+    from there, however many others came between."""
+    for prompt in PROMPTS:
+        _ask(client, prompt, temperature=0, max_tokens=4)
+    before = scrape(llamacpp_split.url)
+    for prompt in PROMPTS:
+        again = _ask(client, prompt, temperature=0, max_tokens=4)
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    after = scrape(llamacpp_split.url)
+    restores = ("llm_runner_host_cache_restores_total", ())
+    assert after[restores] - before.get(restores, 0.0) == len(PROMPTS)
+    assert after[("llm_runner_host_cache_sequences", ())] >= len(PROMPTS)
+    assert after[("llm_runner_host_cache_bytes", ())] > 0
+
+
 # ---------------------------------------------------------------- structured outputs, tools
 
 
