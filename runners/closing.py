@@ -40,8 +40,8 @@ from typing import Any, Literal
 import numpy as np
 
 from contract.tokens import GenerationChunk, TokenLogprob
+from runners.bitmask import allocate_bitmask, allowed
 from runners.settings import ClosingOptions
-from runners.xgr import allocate_bitmask, allowed
 
 logger = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ class Constraint:
 
     def fill(self, bitmask: Any, row: int) -> None:
         """Write the tokens allowed next into ``bitmask[row]``
-        (:func:`runners.xgr.allocate_bitmask`); the special tokens in :attr:`never` are the
+        (:func:`runners.bitmask.allocate_bitmask`); the special tokens in :attr:`never` are the
         sampler's to rule out."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from runners.bitmask import allocate_bitmask, allowed
 from runners.work import Chosen, RowParams
-from runners.xgr import allocate_bitmask, allowed
 
 _TINY_NOISE = np.float32(1e-20)  # as runners.sampling: no 0 / 0, no overflow
 

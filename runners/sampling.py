@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from runners.bitmask import allocate_bitmask
 from runners.work import Chosen, RowParams
-from runners.xgr import allocate_bitmask
 
 # Exp(1) noise this small turns p / E into an overflow for p > 0 and 0 / 0 for p = 0.
 _TINY_NOISE = 1e-20

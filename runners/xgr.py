@@ -26,8 +26,6 @@ import sys
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 # xgrammar's own modules that import neither torch nor (through AutoTokenizer) transformers'
 # model code; their order is xgrammar/__init__'s (the bindings load first).
 _TORCH_FREE = ("exception", "load_binding", "base", "structural_tag", "grammar",
@@ -133,15 +131,3 @@ def new_matcher(compiled: Any, *, override_stop_tokens: list[int] | None = None)
     """A grammar matcher: xgrammar's own where its package is whole, else :class:`_HostMatcher`."""
     kind = _HostMatcher if torch_free() else xgrammar.GrammarMatcher
     return kind(compiled, override_stop_tokens=override_stop_tokens)
-
-
-def allocate_bitmask(rows: int, vocab_size: int) -> np.ndarray:
-    """All tokens allowed, in xgrammar's layout (bit ``t % 32`` of word ``t // 32``)."""
-    return np.full((rows, (vocab_size + 31) // 32), -1, dtype=np.int32)
-
-
-def allowed(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
-    """One row of a bitmask as one bool per token."""
-    words = np.ascontiguousarray(bitmask_row).reshape(-1).view(np.uint32)
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-    return bits[:vocab_size].astype(bool)

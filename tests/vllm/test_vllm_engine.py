@@ -28,6 +28,7 @@ from vllm.v1.metrics.stats import (  # noqa: E402
     SchedulerStats,
 )
 
+from runners.streaming import StreamOptions  # noqa: E402
 from runners.vllm_engine import (  # noqa: E402
     VLLMEngine,
     _StepStats,
@@ -70,7 +71,14 @@ class FakeVLLM:
                 self.closed_early += 1  # vLLM aborts the request here
 
 
-def make_engine(fake: FakeVLLM, *, max_in_flight: int | None = None) -> VLLMEngine:
+# One chunk per vLLM output, as it comes, unless a test says otherwise: most tests here read
+# vLLM's outputs through the chunks.
+ONE_BY_ONE = StreamOptions(interval=1)
+
+
+def make_engine(
+    fake: FakeVLLM, *, max_in_flight: int | None = None, streaming: StreamOptions = ONE_BY_ONE
+) -> VLLMEngine:
     llm = MagicMock(spec=AsyncLLM)
     llm.vllm_config = MagicMock()
     llm.vllm_config.scheduler_config.max_num_seqs = 4
@@ -78,7 +86,7 @@ def make_engine(fake: FakeVLLM, *, max_in_flight: int | None = None) -> VLLMEngi
     llm.vllm_config.model_config.get_vocab_size.return_value = 100
     llm.errored = False
     llm.generate.side_effect = fake.generate
-    return VLLMEngine(llm, _StepStats(), max_in_flight=max_in_flight)
+    return VLLMEngine(llm, _StepStats(), max_in_flight=max_in_flight, streaming=streaming)
 
 
 async def collect(engine: VLLMEngine, prompt: list[int], params: SamplingParams):
@@ -126,6 +134,16 @@ def test_a_stream_carries_vllms_tokens_and_finish_reason():
     prompt, sampling, _ = fake.calls[0]
     assert prompt == {"prompt_token_ids": [1, 2, 3]} and sampling.max_tokens == 10
     assert engine.stats.finished == 1 and engine.running + engine.waiting == 0
+
+
+def test_vllms_outputs_are_handed_on_a_few_tokens_a_chunk():
+    """LLM_STREAM_INTERVAL on vLLM: the first token at once, then two a chunk, the last with
+    those held before it (runners.streaming)."""
+    outputs = [_output([10]), _output([11]), _output([12]), _output([13]), _output([2], "stop")]
+    engine = make_engine(FakeVLLM(outputs), streaming=StreamOptions(interval=2, max_delay=60.0))
+    chunks = asyncio.run(collect(engine, [1, 2, 3], GREEDY))
+    assert [c.token_ids for c in chunks] == [[10], [11, 12], [13, 2]]
+    assert chunks[-1].finish_reason == "stop"
 
 
 def test_logprobs_reach_the_chunks():
