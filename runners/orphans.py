@@ -26,16 +26,30 @@ import psutil
 POLL_SECONDS = 1.0
 
 
+def _started(process: psutil.Process) -> str:
+    """When the process started, fixed for the process's life.
+
+    psutil's ``create_time()`` adds the boot time the kernel reports *now* (``btime`` in
+    /proc/stat) to the start time since boot, and ``btime`` moves when the system clock is
+    adjusted. Two processes reading it a minute apart can then disagree about the same
+    process, and the watchdog would take its owner and helpers for gone at once and guard
+    nothing (seen once in CI). On Linux we read the start in clock ticks since boot."""
+    with contextlib.suppress(OSError, IndexError), open(f"/proc/{process.pid}/stat", "rb") as f:
+        # the fields after "(comm)": state is the line's 3rd field, starttime its 22nd
+        return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    return repr(round(process.create_time()))  # elsewhere: to the second, against small drift
+
+
 def _identity(process: psutil.Process) -> str:
-    """``pid@create_time``: a pid the system reuses later is not the same process."""
-    return f"{process.pid}@{process.create_time()}"
+    """``pid@start``: a pid the system reuses later is not the same process."""
+    return f"{process.pid}@{_started(process)}"
 
 
 def _alive(identity: str) -> psutil.Process | None:
     pid, started = identity.split("@")
     with contextlib.suppress(psutil.Error):
         process = psutil.Process(int(pid))
-        if str(process.create_time()) == started and process.status() != psutil.STATUS_ZOMBIE:
+        if _started(process) == started and process.status() != psutil.STATUS_ZOMBIE:
             return process
     return None
 

@@ -45,9 +45,24 @@ def test_the_watchdog_leaves_once_its_helpers_are_gone():
 
 def test_a_reused_pid_is_not_the_same_process():
     helper = _sleeper()
-    identity = f"{helper.pid}@{psutil.Process(helper.pid).create_time()}"
+    identity = orphans._identity(psutil.Process(helper.pid))
     assert orphans._alive(identity) is not None
     assert orphans._alive(f"{helper.pid}@1.0") is None  # same pid, another start time
     helper.kill()
     helper.wait()
     assert orphans._alive(identity) is None
+
+
+def test_a_process_is_still_itself_after_the_system_clock_moves(monkeypatch):
+    # The kernel's boot time (btime) moves with clock adjustments; a watchdog started later
+    # must still recognise its owner and helpers, or it guards nothing.
+    helper = _sleeper()
+    try:
+        identity = orphans._identity(psutil.Process(helper.pid))
+        boot = psutil._pslinux.boot_time()
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 2.0)
+        assert psutil.Process(helper.pid).create_time() != float(identity.split("@")[1])
+        assert orphans._alive(identity) is not None
+    finally:
+        helper.kill()
+        helper.wait()
