@@ -14,14 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import bentoml
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -33,8 +33,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.router import RouterSettings, RunnerPool, parse_runner_urls
-from api.runner_client import RunnerClient, read_chunks
 from contract.errors import EngineError
 from contract.settings import tokenizer_tag
 from contract.tokens import GenerationChunk, SamplingParams
@@ -46,7 +44,6 @@ from glue.request_timeout import fix_request_timeout
 from glue.settings import build_settings
 from glue.tracing import quiet_stream_spans
 from logic import metrics
-from logic.chat import CompletionService, TokenGenerator
 from logic.errors import (
     APIError,
     AuthenticationError,
@@ -58,7 +55,6 @@ from logic.errors import (
     from_engine_error,
     from_validation_error,
 )
-from logic.model_files import ModelFiles
 from logic.openapi import openapi_spec
 from logic.protocol import (
     ChatCompletionRequest,
@@ -68,6 +64,10 @@ from logic.protocol import (
     GenerationRequest,
 )
 from logic.settings import get_settings
+
+if TYPE_CHECKING:
+    from api.router import RunnerPool
+    from logic.chat import CompletionService, TokenGenerator
 
 logger = logging.getLogger(__name__)
 # Inside a built Bento, the model version it recorded (glue/bento.py).
@@ -317,6 +317,12 @@ def create_openai_app() -> Starlette:
 
 
 def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> CompletionService:
+    # The request path's modules (the tokenizer, the JSON-Schema validator, aiohttp for the
+    # runner) load here, in the processes that serve requests, not at import: `bentoml serve`
+    # imports this module in the runner's process too, where they would cost ~17 MiB each.
+    from logic.chat import CompletionService
+    from logic.model_files import ModelFiles
+
     return CompletionService(
         ModelFiles.load(model.path),
         settings,
@@ -396,9 +402,15 @@ def _as_bentoml_errors() -> Iterator[None]:
 
 api_app = create_openai_app()
 
-# Errors that mean "the runner could not be reached or dropped the connection": our client's
-# (aiohttp, OSError) and those of BentoML's in-process dependency (tests with to_asgi).
-_RUNNER_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, bentoml.exceptions.BentoMLException)
+
+@functools.cache
+def _runner_transport_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the runner could not be reached or dropped the connection": our
+    client's (aiohttp, OSError) and those of BentoML's in-process dependency (tests with
+    to_asgi). aiohttp is imported here, not at the top: see ``_chat_service``."""
+    import aiohttp
+
+    return (aiohttp.ClientError, OSError, bentoml.exceptions.BentoMLException)
 
 
 async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
@@ -416,7 +428,7 @@ async def _relay(stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[Genera
         elif isinstance(error, InternalServerError):
             logger.error("generation failed in the runner: %s", exc)
         raise error from None
-    except _RUNNER_TRANSPORT_ERRORS as exc:
+    except _runner_transport_errors() as exc:
         logger.warning("runner unavailable: %s", exc)
         raise RunnerUnavailableError() from exc
 
@@ -473,6 +485,9 @@ class ChatAPI(NativeAPI):
         ``to_asgi``); a served API without a runner URL refuses to start rather than load the
         model onto a CPU worker.
         """
+        from api.router import RouterSettings, RunnerPool, parse_runner_urls
+        from api.runner_client import RunnerClient
+
         url = _runner_url()
         if not url:
             if bentoml.server_context.worker_index is not None:
@@ -532,6 +547,8 @@ class ChatAPI(NativeAPI):
         if self._runners is not None:
             stream = self._runners.generate(prompt_ids, params, request_id=rid)
         else:
+            from api.runner_client import read_chunks
+
             stream = read_chunks(
                 self.runner.generate(prompt_ids=prompt_ids, request_id=rid, **params.model_dump())
             )
