@@ -25,8 +25,11 @@ same way gets it back by a copy (``llama_state_seq_set_data``) instead of comput
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +54,22 @@ def find_gguf(model_dir: str | Path) -> Path | None:
     """The GGUF file a store entry keeps beside its safetensors, if any."""
     found = sorted(Path(model_dir).glob("*.gguf"))
     return found[0] if found else None
+
+
+def _bindings():
+    """llama-cpp-python's ctypes bindings to llama.cpp's C API (``llama_cpp.llama_cpp``).
+
+    Imported without running the package's ``__init__``, which also loads the high-level
+    ``Llama`` class and with it diskcache, sqlite3 and jinja2's sandbox: 2.9 MiB of the
+    runner's memory for code this engine never calls (it drives the C API itself). Where
+    the package was already imported whole, that is used as it is."""
+    if "llama_cpp" not in sys.modules:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("No module named 'llama_cpp'")
+        # The package as a namespace: its submodules import, its __init__ does not run.
+        sys.modules["llama_cpp"] = importlib.util.module_from_spec(spec)
+    return importlib.import_module("llama_cpp.llama_cpp")
 
 
 def _quiet_logs(lib) -> None:
@@ -125,7 +144,7 @@ class LlamaCppModel:
     ):
         global _backend_ready
         try:
-            from llama_cpp import llama_cpp as lib  # the compiled library: this engine only
+            lib = _bindings()  # the compiled library: this engine only
         except ImportError as exc:
             raise RuntimeError(
                 "LLM_ENGINE=llamacpp needs llama-cpp-python, which is not installed here: "
