@@ -84,6 +84,7 @@ VLLM_START_TIMEOUT = 900  # vLLM compiles the model when it starts: minutes on a
 # The servers' names in the results; each run is "<name> (<n> clients)" or "(1 client)".
 OURS, PEER, VLLM_SERVE, OURS_VLLM = "ours", "transformers serve", "vllm serve", "ours on vLLM"
 LLAMA_SERVER, OURS_LLAMACPP = "llama-server", "ours on llama.cpp"
+BARE_BENTOML = "bare BentoML worker"  # bench/bare_service.py: the floor of any BentoML runner
 
 # name: (what it compares, the bound, "min" or "max"; or None and "info": shown, no bound).
 # {n} is the number of concurrent clients (or in-process streams).
@@ -147,6 +148,19 @@ TARGETS: dict[str, tuple[str, float | None, str]] = {
     "llamacpp_memory_vs_llama_server": (
         "memory (RSS): all our processes on llama.cpp / llama-server", None, "info",
     ),
+    "llamacpp_runner_memory_idle": (
+        "memory (RSS) at idle: our llama.cpp runner process / llama-server", None, "info",
+    ),
+    "llamacpp_runner_memory_settled": (
+        "memory (RSS) after the 1-client run, both caches holding the prompts: "
+        "our llama.cpp runner / llama-server", None, "info",
+    ),
+    # What our runner holds beyond llama-server's whole process, over what a BentoML worker
+    # serving one trivial endpoint holds: near 1, the difference is BentoML's worker itself.
+    "llamacpp_runner_overhead_vs_bare_bentoml": (
+        "memory at idle: (our llama.cpp runner - llama-server) / a bare BentoML worker",
+        None, "info",
+    ),
     "native_vs_llama_server": (
         "{n} clients: output tok/s, ours (native engine) / llama-server", None, "info",
     ),
@@ -199,6 +213,7 @@ def target_values(
     clients: int,
     prefix: dict[str, dict] | None = None,
     paired: dict[str, Any] | None = None,
+    bare_worker_mib: float | None = None,
 ) -> dict[str, float | None]:
     """Every TARGETS entry's measured value (None: not measured)."""
     ours, peer = run_name(OURS, clients), run_name(PEER, clients)
@@ -236,6 +251,21 @@ def target_values(
                       ("llamacpp_memory_vs_llama_server", "all_mib")):  # fmt: skip
         if server_memory and ours_memory.get(part):
             values[key] = ours_memory[part] / server_memory
+    theirs, mine = (
+        results.get(run_name(LLAMA_SERVER, clients), {}),
+        results.get(run_name(OURS_LLAMACPP, clients), {}),
+    )
+    for key, when in (("llamacpp_runner_memory_idle", "memory_idle"),
+                      ("llamacpp_runner_memory_settled", "memory_settled")):  # fmt: skip
+        server_mib = (theirs.get(when) or {}).get("all_mib")
+        runner_mib = (mine.get(when) or {}).get("runner_mib")
+        if server_mib and runner_mib:
+            values[key] = runner_mib / server_mib
+    bare = bare_worker_mib
+    idle_theirs = (theirs.get("memory_idle") or {}).get("all_mib")
+    idle_mine = (mine.get("memory_idle") or {}).get("runner_mib")
+    if bare and idle_theirs and idle_mine:
+        values["llamacpp_runner_overhead_vs_bare_bentoml"] = (idle_mine - idle_theirs) / bare
     for key, comparison in latency.items():
         values[key] = comparison.get("ratio")
     return {key: values.get(key) for key in TARGETS}
@@ -379,15 +409,21 @@ def measure_server(
     process: subprocess.Popen | None = None,
 ) -> None:
     """Warm-up, then throughput (and latency, drop, and a shared long system prompt) against
-    a ready server."""
+    a ready server. Memory, where ``process`` is given: at idle (model loaded, nothing
+    asked), right after the busiest run, and after the 1-client run, by when llama-server
+    has also moved its idle slots' KV to its host cache (it does so when a task arrives)."""
+    idle = memory_of(process) if process is not None else None
     warm_up(target, args.clients)
     name = run_name(target.name, args.clients)
     runs.add(name, *asyncio.run(run_clients(target, work, args.clients)))
     if process is not None:  # right after the busiest run: the KV and batch buffers in use
         runs.results[name]["memory"] = memory_of(process)
+        runs.results[name]["memory_idle"] = idle
     if latency:
         subset = work[: args.latency_requests]
         runs.add(run_name(target.name, 1), *asyncio.run(run_clients(target, subset, 1)))
+        if process is not None:
+            runs.results[name]["memory_settled"] = memory_of(process)
     if drop:
         runs.drops[target.name] = asyncio.run(
             run_drop(target, work[0], streams=args.drop_streams, tokens=args.drop_tokens)
@@ -579,6 +615,27 @@ def main(argv: list[str] | None = None) -> int:
             measure_server(runs, target, args, work, drop=True, prefix=True, process=proc)
             runs.notes["ours_llamacpp_prefix_cache"] = prefix_metrics(port)
 
+    def bare_bentoml() -> None:
+        """A BentoML worker serving one trivial endpoint, same virtualenv as ours on llama.cpp:
+        what any runner that is a BentoML service holds before it holds a model."""
+        import psutil
+
+        port = args.port + 6
+        bentoml_bin = args.llamacpp_venv / "bin" / "bentoml"
+        cmd = [str(bentoml_bin), "serve", "bench.bare_service:Bare", "--port", str(port)]
+        with server(cmd, f"http://127.0.0.1:{port}/readyz", logs / "bare.log", base_env) as proc:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/echo", data=b'{"text": "hi"}',
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "--service-name" in p.cmdline()]  # fmt: skip
+            mib = sum(p.memory_info().rss for p in workers) / (1 << 20)
+        runs.notes["bare_bentoml_worker_mib"] = round(mib, 1)
+        print(f"bare BentoML worker: {mib:.1f} MiB")
+
     def paired_llamacpp() -> None:
         """Both up at once, measured turn by turn (bench.paired)."""
         from bench.paired import paired
@@ -660,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_llamacpp:
         runs.part("llama-server (llama.cpp's own server, the GGUF as shipped)", llama_server)
         runs.part("ours on llama.cpp: bentoml serve, LLM_ENGINE=llamacpp", ours_llamacpp)
+        runs.part("a bare BentoML worker (memory reference)", bare_bentoml)
         if args.paired_rounds:
             runs.part("llama-server and ours on llama.cpp, turn by turn", paired_llamacpp)
     if not args.skip_in_process:
@@ -671,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     latency = latency_comparisons(runs.records, args.clients)
     values = target_values(
         runs.results, latency, runs.drops, args.clients, runs.prefix,
-        runs.notes.get("paired_llamacpp"),
+        runs.notes.get("paired_llamacpp"), runs.notes.get("bare_bentoml_worker_mib"),
     )  # fmt: skip
     checks = checks_of(values)
     machine = {
@@ -750,6 +808,18 @@ def report(
             f"- Shared system prompt, {name}: {found['prompt_tokens']} prompt tokens; TTFT "
             f"{found['first_ttft_s']:.3f} s for the first question, {found['later_ttft_p50_s']:.3f}"
             f" s (p50) for the {len(found['records']) - 1} after it."
+        )
+    for name, found in runs.results.items():
+        when = {"idle": found.get("memory_idle"), "after this run": found.get("memory"),
+                "after the 1-client run": found.get("memory_settled")}  # fmt: skip
+        shown = [f"{k} {v.get('runner_mib', v['all_mib']):.0f}" for k, v in when.items() if v]
+        if shown:
+            part = "runner process" if "runner_mib" in (found.get("memory") or {}) else "server"
+            lines.append(f"- Memory (RSS, MiB), {name}, {part}: {', '.join(shown)}.")
+    if "bare_bentoml_worker_mib" in runs.notes:
+        lines.append(
+            f"- A bare BentoML worker (bench/bare_service.py, one trivial endpoint): "
+            f"{runs.notes['bare_bentoml_worker_mib']:.0f} MiB."
         )
     if "ours_prefix_cache" in runs.notes:
         counters = runs.notes["ours_prefix_cache"]

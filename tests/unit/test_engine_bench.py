@@ -181,3 +181,37 @@ def test_turn_by_turn_rounds_give_the_llamacpp_targets():
         checks_of(target_values({}, {}, {}, N, None, worse))["paired_llamacpp_latency"]["verdict"]
         == "MISSED"
     )
+
+
+def test_llamacpp_memory_ratios_at_idle_after_the_run_and_settled():
+    def memory(runner: float | None, whole: float) -> dict:
+        found = {"all_mib": whole}
+        if runner is not None:
+            found["runner_mib"] = runner
+        return found
+
+    results = {
+        run_name("llama-server", N): {
+            **run(100.0),
+            "memory_idle": memory(None, 300.0),
+            "memory": memory(None, 350.0),
+            "memory_settled": memory(None, 380.0),
+        },
+        run_name("ours on llama.cpp", N): {
+            **run(98.0),
+            "memory_idle": memory(396.0, 800.0),
+            "memory": memory(476.0, 900.0),
+            "memory_settled": memory(475.0, 900.0),
+        },
+    }
+    values = target_values(results, {}, {}, N, None, None, 96.0)
+    assert values["llamacpp_runner_memory_vs_llama_server"] == pytest.approx(476 / 350)
+    assert values["llamacpp_memory_vs_llama_server"] == pytest.approx(900 / 350)
+    assert values["llamacpp_runner_memory_idle"] == pytest.approx(396 / 300)
+    assert values["llamacpp_runner_memory_settled"] == pytest.approx(475 / 380)
+    assert values["llamacpp_runner_overhead_vs_bare_bentoml"] == pytest.approx(1.0)
+    checks = checks_of(values)
+    assert checks["llamacpp_runner_memory_vs_llama_server"]["verdict"] == "MISSED"  # 1.36
+    assert checks["llamacpp_runner_memory_idle"]["verdict"] == "info"
+    # No bare worker measured: that ratio is not measured, the others still are.
+    assert target_values(results, {}, {}, N)["llamacpp_runner_overhead_vs_bare_bentoml"] is None
