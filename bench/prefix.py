@@ -19,6 +19,8 @@ import statistics
 import time
 from typing import Any
 
+from bench.serving import openai_client
+
 QUESTIONS = [
     "Which rule covers lighthouses?", "Summarize rule 12.", "What does rule 40 say?",
     "Is there a rule about bread?", "Which rules mention chess?", "What is the last rule?",
@@ -50,9 +52,7 @@ async def run_prefix(
     seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """TTFT of the first question and of each later one, with the same long system prompt."""
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
+    client = openai_client(url)
     if model is None:
         listed = (await client.models.list()).data
         model = listed[0].id if listed else "default"

@@ -164,10 +164,27 @@ async def _one_request(
     return record
 
 
-async def _client(target: Target):
+def openai_client(url: str):
+    """The official client as the benchmarks use it: no retries (a failure is counted, not
+    hidden), and a new connection for each request.
+
+    Against llama-server (cpp-httplib), a request sent on a kept-alive connection now and
+    then failed to connect (APIConnectionError: one request of the 8-client run in two runs
+    of ``make bench-llamacpp``, and the last of the shared-prompt questions in one; reproduced
+    once in six runs of ``bench.prefix`` alone). cpp-httplib closes kept-alive connections on
+    its own count and timers. A connection per request costs every server the same ~0.1 ms
+    on localhost, and measures servers rather than that race."""
+    import httpx
     import openai
 
-    client = openai.AsyncOpenAI(base_url=target.url, api_key="bench", max_retries=0, timeout=900)
+    http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_keepalive_connections=0))
+    return openai.AsyncOpenAI(
+        base_url=url, api_key="bench", max_retries=0, timeout=900, http_client=http
+    )
+
+
+async def _client(target: Target):
+    client = openai_client(target.url)
     model = target.model
     if model is None:
         listed = (await client.models.list()).data
