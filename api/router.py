@@ -278,6 +278,7 @@ class RunnerPool:
         self._affinity: dict[str, tuple[Replica, float]] = {}
         self._task: asyncio.Task | None = None
         self._resolved_at = -float("inf")
+        self._probed = False  # a probe round has finished: until then `up` is only a guess
 
     # -- what there is ------------------------------------------------------------------------
 
@@ -338,6 +339,7 @@ class RunnerPool:
             await self._resolve_all()
         if len(self.replicas) > 1:  # one alone is not taken out of the rotation
             await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
+            self._probed = True
         for replica in [r for r in self._retired if r.in_flight == 0]:
             self._retired.remove(replica)
             await replica.client.close()
@@ -386,6 +388,11 @@ class RunnerPool:
         is one replica or no probe has run yet)."""
         self.start()
         if self._resolving and self._resolved_at == -float("inf"):
+            await self.refresh()
+        if len(self.replicas) > 1 and not self._probed:
+            # Replicas start "up" so that requests are not refused while the first probes
+            # run; readiness must not rest on that guess (a /readyz in that window said 200
+            # with no replica listening).
             await self.refresh()
         if self.single is not None:
             return await self.single.client.ready()

@@ -267,6 +267,22 @@ def test_with_no_replica_up_a_request_fails_at_once_and_readiness_says_so():
     run(go())
 
 
+def test_readiness_before_the_first_probe_asks_the_replicas():
+    # Replicas start "up" (requests are not refused while the first probes run), but /readyz
+    # asked in that window must not answer on that guess.
+    async def go():
+        pool = pool_of([A, B])
+        for fake in pool.fakes.values():
+            fake.healthy = False
+        assert not await pool.ready()  # no refresh yet: ready() probes itself
+        pool.fakes[A].healthy = True
+        await pool.refresh()
+        assert await pool.ready()
+        await pool.close()
+
+    run(go())
+
+
 def test_probes_read_the_runners_load_and_block_size():
     async def go():
         pool = pool_of([A, B])
