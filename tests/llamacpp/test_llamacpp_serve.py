@@ -78,11 +78,19 @@ def test_streamed_answer_equals_the_whole_one(client):
 
 def test_n_choices_are_sampled_and_a_seed_repeats_them(client):
     kwargs = {"temperature": 1.0, "max_tokens": 24, "n": 3, "seed": 7}
+    # The first ask computes the prompt in one step; later ones copy it back from host memory
+    # and compute its last token alone: kernels of another shape, so logits a rounding apart,
+    # and a sampled near-tie may part from the first ask's (docs/engines.md). From the same
+    # state, the same seed gives the same choices.
     first = _ask(client, "Tell me a short story.", **kwargs)
     again = _ask(client, "Tell me a short story.", **kwargs)
-    texts = [c.message.content for c in first.choices]
+    third = _ask(client, "Tell me a short story.", **kwargs)
+    other = _ask(client, "Tell me a short story.", **{**kwargs, "seed": 8})
+    texts = [c.message.content for c in again.choices]
     assert [c.index for c in first.choices] == [0, 1, 2] and all(texts)
-    assert texts == [c.message.content for c in again.choices]
+    assert all(c.message.content for c in first.choices)
+    assert texts == [c.message.content for c in third.choices]
+    assert texts != [c.message.content for c in other.choices]
     assert len(set(texts)) > 1
 
 
