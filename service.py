@@ -319,7 +319,7 @@ def create_openai_app() -> Starlette:
 def _chat_service(model: bentoml.Model, generate: TokenGenerator) -> CompletionService:
     # The request path's modules (the tokenizer, the JSON-Schema validator, aiohttp for the
     # runner) load here, in the processes that serve requests, not at import: `bentoml serve`
-    # imports this module in the runner's process too, where they would cost ~17 MiB each.
+    # imports this module in the runner's process too, where they cost 17 MiB in all.
     from logic.chat import CompletionService
     from logic.model_files import ModelFiles
 

@@ -84,7 +84,6 @@ VLLM_START_TIMEOUT = 900  # vLLM compiles the model when it starts: minutes on a
 # The servers' names in the results; each run is "<name> (<n> clients)" or "(1 client)".
 OURS, PEER, VLLM_SERVE, OURS_VLLM = "ours", "transformers serve", "vllm serve", "ours on vLLM"
 LLAMA_SERVER, OURS_LLAMACPP = "llama-server", "ours on llama.cpp"
-BARE_BENTOML = "bare BentoML worker"  # bench/bare_service.py: the floor of any BentoML runner
 
 # name: (what it compares, the bound, "min" or "max"; or None and "info": shown, no bound).
 # {n} is the number of concurrent clients (or in-process streams).
@@ -255,17 +254,20 @@ def target_values(
         results.get(run_name(LLAMA_SERVER, clients), {}),
         results.get(run_name(OURS_LLAMACPP, clients), {}),
     )
+
+    def server_and_runner(when: str) -> tuple[float | None, float | None]:
+        """llama-server's memory and our runner's, as taken at ``when``."""
+        return (theirs.get(when) or {}).get("all_mib"), (mine.get(when) or {}).get("runner_mib")
+
     for key, when in (("llamacpp_runner_memory_idle", "memory_idle"),
                       ("llamacpp_runner_memory_settled", "memory_settled")):  # fmt: skip
-        server_mib = (theirs.get(when) or {}).get("all_mib")
-        runner_mib = (mine.get(when) or {}).get("runner_mib")
+        server_mib, runner_mib = server_and_runner(when)
         if server_mib and runner_mib:
             values[key] = runner_mib / server_mib
-    bare = bare_worker_mib
-    idle_theirs = (theirs.get("memory_idle") or {}).get("all_mib")
-    idle_mine = (mine.get("memory_idle") or {}).get("runner_mib")
-    if bare and idle_theirs and idle_mine:
-        values["llamacpp_runner_overhead_vs_bare_bentoml"] = (idle_mine - idle_theirs) / bare
+    server_mib, runner_mib = server_and_runner("memory_idle")
+    if bare_worker_mib and server_mib and runner_mib:
+        overhead = (runner_mib - server_mib) / bare_worker_mib
+        values["llamacpp_runner_overhead_vs_bare_bentoml"] = overhead
     for key, comparison in latency.items():
         values[key] = comparison.get("ratio")
     return {key: values.get(key) for key in TARGETS}

@@ -20,16 +20,21 @@ print(json.dumps(sorted(m for m in sys.modules if m in sys.argv[1:])))
 """
 
 
-def test_importing_the_service_module_leaves_the_api_request_path_unloaded():
+def _loaded(script: str) -> list[str]:
+    """Which of API_ONLY are in sys.modules after ``script`` runs in a fresh interpreter."""
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *API_ONLY],
+        [sys.executable, "-c", script, *API_ONLY],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_service_module_leaves_the_api_request_path_unloaded():
+    loaded = _loaded(SCRIPT)
     assert loaded == [], f"service.py loads the API's request path at import: {loaded}"
 
 
@@ -40,12 +45,4 @@ def test_an_api_worker_loads_it_when_it_starts():
         "import service",
         "import service\nimport api.runner_client, logic.chat\nservice._runner_transport_errors()",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, *API_ONLY],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == sorted(API_ONLY)
+    assert _loaded(script) == sorted(API_ONLY)
