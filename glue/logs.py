@@ -10,9 +10,11 @@ Fields a log call adds with ``extra={"fields": {...}}`` become keys of the JSON 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import re
+import signal
 import sys
 import time
 import uuid
@@ -87,3 +89,17 @@ def configure_worker_logging(service_name: str, fmt: Literal["json", "text"], le
     worker = bentoml.server_context.worker_index
     if worker is not None:
         configure_logging(fmt, level, service=f"{service_name}:{worker}")
+        dump_stacks_on_signal()
+
+
+# What makes a worker print every thread's stack: a stuck worker (a busy event loop, a lock)
+# shows where it is without a debugger. BentoML's workers leave it unhandled (circus's
+# supervisor, a process of its own, is the one that handles it).
+STACKS_SIGNAL = signal.SIGUSR1
+
+
+def dump_stacks_on_signal(file=None) -> None:
+    """On ``STACKS_SIGNAL``, write every thread's Python stack to ``file`` (stderr, the log),
+    and go on. Python's own faulthandler does it from C, so it answers even when the thread
+    that holds the interpreter never lets go (a pure-Python handler would wait for it)."""
+    faulthandler.register(STACKS_SIGNAL, file=file or sys.stderr, all_threads=True)

@@ -73,7 +73,8 @@ class ServedProcess:
         self.proc = subprocess.Popen(
             self.command,
             cwd=self.cwd,
-            env=self.env,
+            # Each line in the log as it is written, so a failure's log ends where it failed.
+            env={**self.env, "PYTHONUNBUFFERED": "1"},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -99,6 +100,21 @@ class ServedProcess:
         self.launch()
         self.wait_ready(timeout or self.start_timeout)
         return self
+
+    def dump_stacks(self) -> None:
+        """Every BentoML worker prints its threads' stacks to the log (glue/logs.py), for a
+        test that found the server stuck to show where."""
+        from glue.logs import STACKS_SIGNAL
+
+        for process in self.process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "_bentoml_impl.worker" in " ".join(process.cmdline()):
+                    self._log.seek(0, os.SEEK_END)  # the file the server writes: a heading
+                    self._log.write(f"--- stacks of pid {process.pid}, "
+                                    f"{' '.join(process.cmdline()[3:8])}:\n".encode())  # fmt: skip
+                    self._log.flush()
+                    process.send_signal(STACKS_SIGNAL)
+                    time.sleep(0.5)  # one at a time: they share the log
 
     def stop(self) -> None:
         """SIGTERM to the whole process group, SIGKILL if it lingers."""
@@ -137,7 +153,9 @@ class ServedProcess:
             self.close()
             raise
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type, *exc_info: object) -> None:
+        if exc_type is not None:  # a failed test shows what the server said (captured stderr)
+            sys.stderr.write(f"--- {' '.join(self.command)} printed:\n{self.log(12000)}\n")
         self.close()
 
 

@@ -44,10 +44,19 @@ class Outcome:
         self.ended_at: float | None = None
 
 
+# How long a client waits for the first token (and then for each next event). Minutes, not
+# seconds: these tests are about what happens after a fault, and CI once saw a restarted vLLM
+# runner take over 60 s for its first token on a loaded 2-core host (the server's log now
+# comes with a failure, see tests/served.py).
+FIRST_TOKEN_SECONDS = 150
+
+
 def _stream(url: str, max_tokens: int, outcome: Outcome) -> None:
     body = {"messages": LONG, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, timeout=FIRST_TOKEN_SECONDS
+        ) as resp:
             outcome.status = resp.status_code
             for line in resp.iter_lines():
                 if line.startswith("data: "):
@@ -95,14 +104,18 @@ def runner_process(served: ServedProcess) -> psutil.Process:
     return runner
 
 
-def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
+def start_in_flight(served: ServedProcess, streams: int, max_tokens: int = 1000):
     """``streams`` streamed answers (each past its first token) and one whole one, running."""
+    url = served.url
     outcomes = [Outcome() for _ in range(streams)]
     whole = Outcome()
     threads = [_start(_stream, url, max_tokens, o) for o in outcomes]
     threads.append(_start(_whole, url, max_tokens, whole))
+    started = time.monotonic()
     for outcome in outcomes:
-        assert outcome.first_token.wait(60) and outcome.error is None
+        if not outcome.first_token.wait(FIRST_TOKEN_SECONDS):
+            _stuck(served, f"no first token in {time.monotonic() - started:.0f} s", outcomes)
+        assert outcome.error is None, _seen(outcome)
     # The whole answer has no first token to wait for: wait until the runner holds it too
     # (the API's page carries the runner's gauges). On a busy machine it can reach the runner
     # after the streams' first tokens; sent after a kill, it would wait in the socket that
@@ -111,11 +124,19 @@ def start_in_flight(url: str, streams: int, max_tokens: int = 1000):
     while (held := _held_by_runner(url)) < streams + 1:
         ended = [o for o in (*outcomes, whole) if o.ended_at is not None]
         assert not ended, f"a request ended before the kill: {[_seen(o) for o in ended]}"
-        assert time.monotonic() < deadline, f"the runner held {held} of {streams + 1} requests"
-        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            _stuck(served, f"the runner held {held} of {streams + 1} requests", outcomes)
+        time.sleep(0.2)  # each look is a /metrics of the API and of the runner
     ended = [o for o in (*outcomes, whole) if o.ended_at is not None]
     assert not ended, f"a request ended before the kill: {[_seen(o) for o in ended]}"
     return threads, outcomes, whole
+
+
+def _stuck(served: ServedProcess, what: str, outcomes: list[Outcome]) -> None:
+    """Fail with what the clients saw and the server's log, its workers' stacks at the end."""
+    served.dump_stacks()
+    seen = "\n".join(f"{len(o.events)} events, {_seen(o)}" for o in outcomes)
+    raise AssertionError(f"{what}:\n{seen}\n--- the server's log:\n{served.log(12000)}")
 
 
 def _seen(outcome: Outcome) -> str:
@@ -135,7 +156,9 @@ def assert_failed_fast(threads, streams, whole, since: float, within: float = 5)
     with Retry-After, all within ``within`` seconds of ``since``; nothing hung."""
     for thread in threads:
         thread.join(30)
-        assert not thread.is_alive(), "a request hung after the runner died"
+        assert not thread.is_alive(), (
+            f"a request hung after the runner died: {[_seen(o) for o in (*streams, whole)]}"
+        )
     for outcome in streams:  # an error event, then the end of the stream, within seconds
         assert outcome.status == 200 and outcome.error is None, _seen(outcome)
         at, last_data = outcome.events[-2]
@@ -149,7 +172,7 @@ def assert_failed_fast(threads, streams, whole, since: float, within: float = 5)
 
 def test_a_runner_killed_mid_answer_fails_its_requests_fast_and_the_api_recovers(split):
     url = split.url
-    threads, streams, whole = start_in_flight(url, 2)
+    threads, streams, whole = start_in_flight(split, 2)
     runner = runner_process(split)
     killed = time.monotonic()
     runner.send_signal(signal.SIGKILL)

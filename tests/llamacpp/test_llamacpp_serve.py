@@ -283,7 +283,7 @@ def test_a_killed_runner_fails_requests_fast_and_comes_back():
     and the API serves again without a restart."""
     with serve_llamacpp("ChatAPI") as split:
         first = runner_process(split)
-        threads, streams, whole = start_in_flight(split.url, 2)
+        threads, streams, whole = start_in_flight(split, 2)
         killed = time.monotonic()
         first.kill()
         assert_failed_fast(threads, streams, whole, killed, within=10)

@@ -5,10 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from glue.logs import JSONFormatter, configure_logging, incoming_request_id, request_id
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("value", ["abc-123", "0f8e4c1a2b3d", "trace:span/7", "a" * 128])
@@ -79,3 +85,29 @@ def test_configure_formats_existing_handlers_and_opens_project_loggers():
         root.removeHandler(handler)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_a_worker_prints_every_threads_stack_on_its_signal_and_goes_on():
+    """``kill -USR1`` on a stuck worker shows where each of its threads is (docs/operations.md)."""
+    script = textwrap.dedent(
+        """
+        import os, threading, time
+        from glue.logs import STACKS_SIGNAL, dump_stacks_on_signal
+
+        def waiting_in_a_helper_thread():
+            time.sleep(30)
+
+        dump_stacks_on_signal()
+        threading.Thread(target=waiting_in_a_helper_thread, daemon=True).start()
+        time.sleep(0.2)
+        os.kill(os.getpid(), STACKS_SIGNAL)
+        time.sleep(0.2)
+        print("still here")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "still here", done.stderr
+    assert "waiting_in_a_helper_thread" in done.stderr  # the other thread's stack too
+    assert "Current thread" in done.stderr
