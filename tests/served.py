@@ -108,10 +108,11 @@ class ServedProcess:
 
         for process in self.process.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "_bentoml_impl.worker" in " ".join(process.cmdline()):
+                command = process.cmdline()
+                if "_bentoml_impl.worker" in " ".join(command):
                     self._log.seek(0, os.SEEK_END)  # the file the server writes: a heading
                     self._log.write(f"--- stacks of pid {process.pid}, "
-                                    f"{' '.join(process.cmdline()[3:8])}:\n".encode())  # fmt: skip
+                                    f"{' '.join(command[3:8])}:\n".encode())  # fmt: skip
                     self._log.flush()
                     process.send_signal(STACKS_SIGNAL)
                     time.sleep(0.5)  # one at a time: they share the log

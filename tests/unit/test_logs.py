@@ -8,13 +8,11 @@ import logging
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from glue.logs import JSONFormatter, configure_logging, incoming_request_id, request_id
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.served import ROOT
 
 
 @pytest.mark.parametrize("value", ["abc-123", "0f8e4c1a2b3d", "trace:span/7", "a" * 128])
