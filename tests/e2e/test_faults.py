@@ -131,11 +131,11 @@ def start_in_flight(served: ServedProcess, streams: int, max_tokens: int = 1000)
     last = None
     while True:
         at = time.monotonic()
-        held = _held_by_runner(url)
+        held, done = _runner_view(url)
         took = time.monotonic() - at
-        if held != last or took > 1:
-            looks.append(f"at {at - started:.1f}s {held:g} held (read in {took:.2f}s)")
-            last = held
+        if (held, done) != last or took > 1:
+            looks.append(f"at {at - started:.1f}s {held:g} held, {done} (read in {took:.2f}s)")
+            last = held, done
         ended = [o for o in (*outcomes, whole) if o.ended_at is not None]
         if ended:  # CI saw this once on vLLM with answers of 60 and 1000 tokens: show why
             what = f"a request ended before the kill, the runner's looks: {looks}"
@@ -159,11 +159,15 @@ def _seen(outcome: Outcome) -> str:
     return f"status {outcome.status}, error {outcome.error}, last {last!r}"
 
 
-def _held_by_runner(url: str) -> float:
+def _runner_view(url: str) -> tuple[float, str]:
+    """The requests the runner holds, and what became of those it no longer holds."""
     metrics = scrape(url)
-    return (
-        metrics[("llm_runner_requests_running", ())] + metrics[("llm_runner_requests_waiting", ())]
+    held = sum(metrics[(f"llm_runner_requests_{s}", ())] for s in ("running", "waiting"))
+    done = ", ".join(
+        f"{metrics[(f'llm_runner_requests_{s}_total', ())]:g} {s}"
+        for s in ("finished", "cancelled", "refused")
     )
+    return held, done
 
 
 def assert_failed_fast(threads, streams, whole, since: float, within: float = 5) -> None:

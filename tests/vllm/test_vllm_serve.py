@@ -333,6 +333,12 @@ def _wait_ready(url: str, timeout: float = START_TIMEOUT) -> bool:
     return False
 
 
+# Answers long enough to still run when the last of them reaches the runner: CI twice saw
+# one request start long after the others (a stream's first token after 60 s and more), and
+# the others, 1000 tokens each, were done by then. The kills come as soon as all are held.
+IN_FLIGHT_TOKENS = 3000
+
+
 def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so():
     with serve_vllm("ChatAPI") as split:
         # 1. The runner process killed mid-answer: 503s within seconds, and `bentoml serve`
@@ -340,7 +346,7 @@ def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so
         first = runner_process(split)
         helpers = first.children(recursive=True)  # vLLM's engine core and its worker
         assert any("EngineCore" in p.name() for p in helpers), [p.name() for p in helpers]
-        threads, streams, whole = start_in_flight(split, 2)
+        threads, streams, whole = start_in_flight(split, 2, IN_FLIGHT_TOKENS)
         killed = time.monotonic()
         first.kill()
         assert_failed_fast(threads, streams, whole, killed, within=10)
@@ -357,7 +363,7 @@ def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so
         #    runner's /livez and /readyz fail (an orchestrator restarts it), and so does the
         #    API's /readyz; a new request is a 503 too, not a hang.
         runner = runner_process(split)
-        threads, streams, whole = start_in_flight(split, 2)
+        threads, streams, whole = start_in_flight(split, 2, IN_FLIGHT_TOKENS)
         (core,) = [p for p in runner.children(recursive=True) if "EngineCore" in p.name()]
         killed = time.monotonic()
         core.kill()
@@ -377,24 +383,26 @@ def test_a_killed_runner_or_a_dead_engine_fails_requests_fast_and_health_says_so
 
 
 def test_sigterm_drains_answers_in_flight_then_exits():
-    with serve_vllm("ChatAPI", "--timeout-graceful-shutdown", "60") as served:
+    with serve_vllm("ChatAPI", "--timeout-graceful-shutdown", "180") as served:
         # Both in the runner before the signal (start_in_flight waits for it): the whole
         # answer has no first token to wait for, and one still on its way to the runner when
-        # the signal comes is refused there (CI saw its 503 once), not drained.
-        threads, (stream,), whole = start_in_flight(served, 1, 60)
+        # the signal comes is refused there (CI saw its 503 once), not drained. 300 tokens:
+        # about 25 s here, long enough for both to be seen held (with 60, CI once saw the
+        # whole answer done before the stream's first token came), short enough to drain.
+        threads, (stream,), whole = start_in_flight(served, 1, 300)
         processes = served.process.children(recursive=True)
         os.kill(served.proc.pid, signal.SIGTERM)
         time.sleep(1.0)
         with pytest.raises(httpx.TransportError):  # no new requests
             httpx.post(f"{served.url}/v1/models", timeout=5)
         for thread in threads:
-            thread.join(90)
+            thread.join(180)
         assert stream.error is None and json.loads(stream.events[-2][1])["choices"][0][
             "finish_reason"
         ] in ("length", "stop")
         assert stream.events[-1][1] == "[DONE]"
         assert whole.status == 200
-        assert _exit_within(served, 90) < 90
+        assert _exit_within(served, 180) < 180
         gone = psutil.wait_procs(processes, timeout=30)[1]
         assert not gone, f"left running: {[p.cmdline() for p in gone]}"
 
