@@ -120,7 +120,8 @@ def start_in_flight(served: ServedProcess, streams: int, max_tokens: int = 1000)
     started = time.monotonic()
     for outcome in outcomes:
         if not outcome.first_token.wait(FIRST_TOKEN_SECONDS):
-            _stuck(served, f"no first token in {time.monotonic() - started:.0f} s", outcomes)
+            what = f"no first token in {time.monotonic() - started:.0f} s"
+            _stuck(served, what, [*outcomes, whole])
         assert outcome.error is None, _seen(outcome)
     # The whole answer has no first token to wait for: wait until the runner holds it too
     # (the API's page carries the runner's gauges). On a busy machine it can reach the runner
@@ -137,13 +138,14 @@ def start_in_flight(served: ServedProcess, streams: int, max_tokens: int = 1000)
             looks.append(f"at {at - started:.1f}s {held:g} held, {done} (read in {took:.2f}s)")
             last = held, done
         ended = [o for o in (*outcomes, whole) if o.ended_at is not None]
-        if ended:  # CI saw this once on vLLM with answers of 60 and 1000 tokens: show why
+        if ended:  # CI saw this on vLLM, one request trailing the others: show why
             what = f"a request ended before the kill, the runner's looks: {looks}"
             _stuck(served, what, [*outcomes, whole])
         if held >= streams + 1:
             return threads, outcomes, whole
         if time.monotonic() > deadline:
-            _stuck(served, f"the runner held {held} of {streams + 1} requests: {looks}", outcomes)
+            what = f"the runner held {held} of {streams + 1} requests: {looks}"
+            _stuck(served, what, [*outcomes, whole])
         time.sleep(0.2)  # each look is a /metrics of the API and of the runner
 
 

@@ -333,9 +333,9 @@ def _wait_ready(url: str, timeout: float = START_TIMEOUT) -> bool:
     return False
 
 
-# Answers long enough to still run when the last of them reaches the runner: CI twice saw
-# one request start long after the others (a stream's first token after 60 s and more), and
-# the others, 1000 tokens each, were done by then. The kills come as soon as all are held.
+# Answers long enough to still run when the last of them reaches the runner: CI saw one
+# request trail the others (once no first token in 60 s; once a stream still running when
+# the others, up to 1000 tokens each, were done). The kills come as soon as all are held.
 IN_FLIGHT_TOKENS = 3000
 
 
@@ -388,7 +388,7 @@ def test_sigterm_drains_answers_in_flight_then_exits():
         # answer has no first token to wait for, and one still on its way to the runner when
         # the signal comes is refused there (CI saw its 503 once), not drained. 300 tokens:
         # about 25 s here, long enough for both to be seen held (with 60, CI once saw the
-        # whole answer done before the stream's first token came), short enough to drain.
+        # whole answer done before the test had seen both held), short enough to drain.
         threads, (stream,), whole = start_in_flight(served, 1, 300)
         processes = served.process.children(recursive=True)
         os.kill(served.proc.pid, signal.SIGTERM)
